@@ -1,0 +1,32 @@
+-- chat: the seed's raw-WebSocket chat.
+--
+--   {"type":"chat","message":M,"room":R}
+--     -> every member of R, the sender included:
+--        {"type":"chat_message","clientId":id,"message":M,"timestamp":<ms>,"room":R}
+--   without "room": every other connected client gets it (the sender excluded).
+
+rtgate.on("chat", function(client, event)
+  local message = event.message
+  if type(message) ~= "string" then
+    return "invalid_message", "\"message\" must be a string"
+  end
+  local out = {
+    type = "chat_message",
+    clientId = client.id,
+    message = message,
+    timestamp = rtgate.now_ms(),
+    room = event.room,
+    username = client.username,
+  }
+  if event.room == nil then
+    rtgate.broadcast(out, { exclude = client.id })
+    return
+  end
+  if type(event.room) ~= "string" then
+    return "invalid_room", "\"room\" must be a string"
+  end
+  local delivered, code, why = rtgate.publish(event.room, out)
+  if not delivered then
+    return code, why
+  end
+end)

@@ -1,0 +1,148 @@
+//! Configuration: the typed settings every other module reads, and the one place they are
+//! loaded and checked.
+//!
+//! Settings come in layers (embedded `config/default.toml`, then an optional file, then
+//! `RTGATE__SECTION__KEY` environment variables) so that the binary runs with no set-up
+//! and an operator can still change any key without a file. Every key is known here:
+//! unknown keys and invalid values are start-up errors that name the key, because a typo
+//! silently ignored is worse than a refusal to start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Deserializer};
+
+/// The embedded defaults; also the documentation of every key.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub plugins: PluginSettings,
+    pub heartbeat: HeartbeatSettings,
+    pub limits: LimitSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: SocketAddr,
+    pub allowed_origins: Vec<String>,
+    pub allow_missing_origin: bool,
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSettings {
+    pub dir: PathBuf,
+    pub queue: usize,
+    #[serde(deserialize_with = "duration")]
+    pub time_budget: Duration,
+    pub memory_limit_mb: usize,
+    /// `[plugins.settings.<plugin>]`: free-form tables handed to each script as
+    /// `rtgate.config`.
+    #[serde(default)]
+    pub settings: std::collections::HashMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_frame_bytes: usize,
+    pub outbox_messages: usize,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration ({e})")))
+}
+
+impl Settings {
+    /// The embedded defaults alone: what `cargo run` and the tests start from.
+    pub fn defaults() -> Settings {
+        // The embedded file is part of the binary and covered by tests; it cannot fail.
+        Self::load(None, false).expect("embedded config/default.toml is valid")
+    }
+
+    /// Defaults, then `file` if given, then (when `env` is set) `RTGATE__*` variables.
+    pub fn load(file: Option<&Path>, env: bool) -> Result<Settings, ConfigError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        if env {
+            builder = builder.add_source(
+                Environment::with_prefix("RTGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("server.allowed_origins"),
+            );
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, reason: &str) -> Result<(), ConfigError> {
+            if ok { Ok(()) } else { Err(ConfigError::Invalid { key, reason: reason.to_string() }) }
+        }
+        let hb = &self.heartbeat;
+        check(!hb.interval.is_zero(), "heartbeat.interval", "must be greater than zero")?;
+        check(hb.timeout > hb.interval, "heartbeat.timeout", "must be longer than heartbeat.interval")?;
+        check(
+            (128..=16 << 20).contains(&self.limits.max_frame_bytes),
+            "limits.max_frame_bytes",
+            "must be between 128 and 16777216",
+        )?;
+        check(self.limits.outbox_messages >= 16, "limits.outbox_messages", "must be at least 16")?;
+        check(self.plugins.queue >= 1, "plugins.queue", "must be at least 1")?;
+        check(!self.plugins.time_budget.is_zero(), "plugins.time_budget", "must be greater than zero")?;
+        check(
+            (1..=4096).contains(&self.plugins.memory_limit_mb),
+            "plugins.memory_limit_mb",
+            "must be between 1 and 4096",
+        )?;
+        for origin in &self.server.allowed_origins {
+            check(
+                origin == "*" || origin.starts_with("http://") || origin.starts_with("https://"),
+                "server.allowed_origins",
+                "each entry must be \"*\" or start with http:// or https://",
+            )?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| ConfigError::Invalid { key: "log.filter", reason: e.to_string() })?;
+        Ok(())
+    }
+}

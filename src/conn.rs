@@ -1,0 +1,284 @@
+//! A connected client as the rest of the gateway sees it: who it is, which rooms it is in,
+//! and its outbox.
+//!
+//! The outbox is the only way anything reaches a client. It is a bounded queue of shared
+//! frames drained by the client's own session task, so producers (the hub's fan-out, the
+//! plugin threads) never wait on a socket and never hold a lock across an await. When a
+//! client stops reading and its queue fills, the outbox closes itself with "slow consumer":
+//! that client is disconnected instead of pinning memory or slowing anyone else.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::protocol::{Frame, RoomName};
+
+/// Why the gateway is closing a connection; each maps to one WebSocket close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The outbox overflowed: 1013 "try again later".
+    SlowConsumer,
+    /// Nothing received within `heartbeat.timeout`: the socket is dropped without a close
+    /// frame, as the seed's `terminate()` does.
+    HeartbeatTimeout,
+    /// The gateway is shutting down: 1001 "going away".
+    Shutdown,
+    /// A policy violation decided elsewhere (rate limit, expired token): 1008.
+    Policy(&'static str),
+}
+
+impl CloseReason {
+    pub fn code(self) -> Option<u16> {
+        match self {
+            CloseReason::SlowConsumer => Some(1013),
+            CloseReason::HeartbeatTimeout => None,
+            CloseReason::Shutdown => Some(1001),
+            CloseReason::Policy(_) => Some(1008),
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::SlowConsumer => "slow consumer: outgoing queue full",
+            CloseReason::HeartbeatTimeout => "heartbeat timeout",
+            CloseReason::Shutdown => "server shutting down",
+            CloseReason::Policy(why) => why,
+        }
+    }
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The client is already closing; the frame was dropped.
+    Closed,
+    /// This push overflowed the queue: the outbox is now closed as a slow consumer.
+    Overflowed,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    closed: Option<CloseReason>,
+}
+
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    /// Wakes the session when the queue becomes non-empty or the outbox closes.
+    ready: Notify,
+    /// Wakes a session blocked writing to a socket, when the outbox closes.
+    closing: Notify,
+    capacity: usize,
+}
+
+impl Outbox {
+    fn new(capacity: usize) -> Outbox {
+        Outbox { queue: Mutex::new(Queue::default()), ready: Notify::new(), closing: Notify::new(), capacity }
+    }
+
+    /// Queues a frame unless the queue holds `capacity` already.
+    pub fn push(&self, frame: Frame) -> Push {
+        self.push_within(frame, self.capacity)
+    }
+
+    /// Like `push` with a larger bound, for a burst the gateway itself decided to send
+    /// (history catch-up) that must not count as the client being slow.
+    pub fn push_within(&self, frame: Frame, limit: usize) -> Push {
+        let mut q = self.queue.lock();
+        if q.closed.is_some() {
+            return Push::Closed;
+        }
+        if q.frames.len() >= limit {
+            q.closed = Some(CloseReason::SlowConsumer);
+            q.frames.clear();
+            drop(q);
+            self.wake_closed();
+            return Push::Overflowed;
+        }
+        q.frames.push_back(frame);
+        let first = q.frames.len() == 1;
+        drop(q);
+        // The session drains everything it is woken for, so only the empty → non-empty
+        // transition needs a wake-up; Notify keeps the permit if nobody waits yet.
+        if first {
+            self.ready.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Marks the connection for closing; the session sends the close frame and ends.
+    /// The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut q = self.queue.lock();
+        if q.closed.is_none() {
+            q.closed = Some(reason);
+            q.frames.clear();
+        }
+        drop(q);
+        self.wake_closed();
+    }
+
+    fn wake_closed(&self) {
+        self.ready.notify_one();
+        self.closing.notify_one();
+    }
+
+    /// Resolves once the outbox is closed, with the reason.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.queue.lock().closed {
+                return reason;
+            }
+            // A close between the check and this wait leaves a permit: no lost wake-up.
+            self.closing.notified().await;
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.queue.lock().closed.is_some()
+    }
+
+    /// Waits until there is something to send or the outbox was closed.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Moves every queued frame into `into` (which must be empty). Swapping buffers keeps
+    /// the allocation with whichever side is busy and costs one lock per batch.
+    pub fn drain(&self, into: &mut VecDeque<Frame>) -> Option<CloseReason> {
+        let mut q = self.queue.lock();
+        if let Some(reason) = q.closed {
+            return Some(reason);
+        }
+        std::mem::swap(&mut q.frames, into);
+        None
+    }
+}
+
+/// An unguessable connection id, `client_` + 16 base-36 characters (≈82 bits from the
+/// thread-local CSPRNG): the seed's format, without its guessability.
+pub fn new_client_id() -> Arc<str> {
+    const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(23);
+    id.push_str("client_");
+    for _ in 0..16 {
+        id.push(ALPHABET[rng.random_range(0..36)] as char);
+    }
+    Arc::from(id)
+}
+
+/// Who is on the other end. In anonymous mode the user id is the connection id.
+pub struct Identity {
+    pub user_id: Arc<str>,
+    username: RwLock<Arc<str>>,
+}
+
+impl Identity {
+    pub fn new(user_id: Arc<str>, username: Arc<str>) -> Identity {
+        Identity { user_id, username: RwLock::new(username) }
+    }
+
+    pub fn username(&self) -> Arc<str> {
+        self.username.read().clone()
+    }
+}
+
+pub struct Conn {
+    pub id: Arc<str>,
+    pub identity: Identity,
+    pub outbox: Outbox,
+    /// Rooms this connection is in, so that a disconnect can leave them all.
+    rooms: Mutex<Vec<RoomName>>,
+    /// Milliseconds since `epoch` when a frame was last received (heartbeat bookkeeping).
+    last_seen: AtomicU64,
+    epoch: Instant,
+}
+
+impl Conn {
+    pub fn new(identity: Identity, id: Arc<str>, outbox_capacity: usize, epoch: Instant) -> Conn {
+        let conn = Conn {
+            id,
+            identity,
+            outbox: Outbox::new(outbox_capacity),
+            rooms: Mutex::new(Vec::new()),
+            last_seen: AtomicU64::new(0),
+            epoch,
+        };
+        conn.touch();
+        conn
+    }
+
+    pub fn send(&self, frame: Frame) -> Push {
+        self.outbox.push(frame)
+    }
+
+    pub fn touch(&self) {
+        self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> std::time::Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(now.saturating_sub(self.last_seen.load(Ordering::Relaxed)))
+    }
+
+    pub fn rooms(&self) -> Vec<RoomName> {
+        self.rooms.lock().clone()
+    }
+
+    pub fn in_room(&self, room: &RoomName) -> bool {
+        self.rooms.lock().contains(room)
+    }
+
+    /// Records membership; false if it was already recorded.
+    pub(crate) fn add_room(&self, room: &RoomName) -> bool {
+        let mut rooms = self.rooms.lock();
+        if rooms.contains(room) {
+            return false;
+        }
+        rooms.push(room.clone());
+        true
+    }
+
+    pub(crate) fn remove_room(&self, room: &RoomName) -> bool {
+        let mut rooms = self.rooms.lock();
+        match rooms.iter().position(|r| r == room) {
+            Some(i) => {
+                rooms.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_closes_as_slow_consumer() {
+        let outbox = Outbox::new(2);
+        assert_eq!(outbox.push(Frame::text("a")), Push::Queued);
+        assert_eq!(outbox.push(Frame::text("b")), Push::Queued);
+        assert_eq!(outbox.push(Frame::text("c")), Push::Overflowed);
+        assert_eq!(outbox.push(Frame::text("d")), Push::Closed);
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.drain(&mut batch), Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn ids_are_distinct() {
+        let a = new_client_id();
+        let b = new_client_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 23);
+        assert!(a.starts_with("client_"));
+    }
+}

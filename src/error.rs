@@ -1,0 +1,67 @@
+//! Errors that reach a client.
+//!
+//! Every refusal a client can provoke is a variant here with a stable snake_case `code`,
+//! so the wire format of errors is decided in one place and documented in
+//! `docs/protocol.md`. The connection stays open after any of these; only the frame that
+//! caused it is discarded.
+
+use crate::protocol::{self, Frame};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("Invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("A message must be a JSON object")]
+    NotAnObject,
+    #[error("A message needs a string field \"type\"")]
+    MissingType,
+    #[error("Unknown event type \"{0}\"")]
+    UnknownType(String),
+    #[error("Binary frames are not supported; send JSON text")]
+    BinaryFrame,
+    #[error("Invalid room name: use 1 to 64 letters, digits, '_', '-', '.' or ':'")]
+    InvalidRoom,
+    #[error("Field \"{field}\" {problem}")]
+    InvalidField { field: &'static str, problem: &'static str },
+    #[error("You are not in room \"{0}\"")]
+    NotInRoom(String),
+    #[error("The server is busy; try again shortly")]
+    Busy,
+    #[error("The plugin handling \"{0}\" failed")]
+    PluginError(String),
+    /// A plugin refused the event with its own code (e.g. `not_your_turn`).
+    #[error("{message}")]
+    Rejected { code: String, message: String },
+}
+
+impl ClientError {
+    pub fn code(&self) -> &str {
+        match self {
+            ClientError::InvalidJson(_) => "invalid_json",
+            ClientError::NotAnObject => "not_an_object",
+            ClientError::MissingType => "missing_type",
+            ClientError::UnknownType(_) => "unknown_type",
+            ClientError::BinaryFrame => "binary_not_supported",
+            ClientError::InvalidRoom => "invalid_room",
+            ClientError::InvalidField { .. } => "invalid_field",
+            ClientError::NotInRoom(_) => "not_in_room",
+            ClientError::Busy => "busy",
+            ClientError::PluginError(_) => "plugin_error",
+            ClientError::Rejected { code, .. } => code,
+        }
+    }
+
+    /// `{"type":"error","code":..,"message":..}`, serialized once.
+    pub fn to_frame(&self) -> Frame {
+        protocol::error_frame(self.code(), &self.to_string())
+    }
+
+    /// An unknown type is echoed back; cap it so a client cannot make us echo 64 KiB.
+    pub fn unknown_type(kind: &str) -> ClientError {
+        let mut shown: String = kind.chars().take(64).collect();
+        if shown.len() < kind.len() {
+            shown.push('…');
+        }
+        ClientError::UnknownType(shown)
+    }
+}

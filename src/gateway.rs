@@ -1,0 +1,147 @@
+//! The gateway as a whole: builds the shared state, binds the listener, runs the background
+//! tasks, and shuts everything down in order.
+//!
+//! [`Gateway`] is the state every session and HTTP handler shares; [`start`] returns a
+//! [`Running`] handle that tests and `main` use alike, so the tests exercise exactly the
+//! server the binary runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::conn::CloseReason;
+use crate::hub::{Broker, Hub, LocalBroker};
+use crate::metrics::Metrics;
+use crate::plugins::{Host, PluginError, PluginHost};
+
+pub struct Gateway {
+    pub settings: Settings,
+    pub hub: Arc<Hub>,
+    pub plugins: PluginHost,
+    pub metrics: Arc<Metrics>,
+    /// Time base for per-connection heartbeat bookkeeping.
+    pub epoch: Instant,
+    sessions: Sessions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Plugins(#[from] PluginError),
+}
+
+/// Counts live sessions so that shutdown can wait for them.
+#[derive(Default)]
+struct Sessions {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a session task for its lifetime.
+pub struct SessionGuard(Arc<Gateway>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.sessions.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.sessions.idle.notify_waiters();
+        }
+    }
+}
+
+impl Gateway {
+    pub fn session_guard(self: &Arc<Self>) -> SessionGuard {
+        self.sessions.live.fetch_add(1, Ordering::AcqRel);
+        SessionGuard(self.clone())
+    }
+
+    async fn sessions_finished(&self) {
+        loop {
+            let idle = self.sessions.idle.notified();
+            if self.sessions.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// A started gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let bind = settings.server.bind;
+    let listener = TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+
+    let metrics = Arc::new(Metrics::default());
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
+    let host =
+        Arc::new(Host { hub: hub.clone(), broker, metrics: metrics.clone(), settings: settings.plugins.clone() });
+    let plugins = PluginHost::start(host).await?;
+    let gateway =
+        Arc::new(Gateway { settings, hub, plugins, metrics, epoch: Instant::now(), sessions: Sessions::default() });
+
+    let heartbeat = {
+        let gw = gateway.clone();
+        tokio::spawn(async move {
+            let hb = &gw.settings.heartbeat;
+            let mut tick = tokio::time::interval(hb.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                gw.hub.heartbeat(hb.timeout);
+            }
+        })
+    };
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let routes = crate::http::routes(gateway.clone());
+    let server = tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = stopped.await;
+            })
+            .run(),
+    );
+    tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
+    Ok(Running { addr, gateway, stop: Some(stop), server, background: vec![heartbeat] })
+}
+
+impl Running {
+    /// Stops accepting, closes every connection with 1001, waits up to
+    /// `server.shutdown_grace` for sessions to end, then stops the plugins.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let gw = &self.gateway;
+        gw.hub.close_all(CloseReason::Shutdown);
+        let grace = gw.settings.server.shutdown_grace;
+        if tokio::time::timeout(grace, gw.sessions_finished()).await.is_err() {
+            tracing::warn!("shutdown: some connections did not close within {grace:?}");
+        }
+        let _ = tokio::time::timeout(grace, &mut self.server).await;
+        for task in &self.background {
+            task.abort();
+        }
+        gw.plugins.shutdown().await;
+        tracing::info!("rtgate stopped");
+    }
+}

@@ -1,0 +1,204 @@
+//! HTTP: the warp routes, the WebSocket upgrade, and the headers every response carries.
+//!
+//! The upgrade is done here rather than with `warp::ws()` because warp does not expose
+//! tungstenite's read buffer size, and the default 128 KiB per connection would dominate
+//! the memory of a gateway holding many idle sockets. Checks that can refuse a client
+//! (origin; later authentication and per-IP caps) run before the 101, so a refused client
+//! gets a plain HTTP error and never a socket.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::conn::{Conn, Identity, new_client_id};
+use crate::gateway::Gateway;
+
+/// `Content-Security-Policy` for everything we serve: scripts, styles and connections
+/// from this origin only, no inline script, never framed.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+    connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// tungstenite's read buffer is allocated up front for every connection; frames larger than
+/// this are still read, in several chunks.
+const READ_BUFFER: usize = 2048;
+
+pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let gw_filter = {
+        let gw = gw.clone();
+        warp::any().map(move || gw.clone())
+    };
+    let ws_path = warp::path::end().or(warp::path("ws").and(warp::path::end())).unify();
+    let upgrade = warp::get()
+        .and(ws_path)
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and(warp::addr::remote())
+        .and(gw_filter.clone())
+        .and_then(upgrade);
+    let healthz = warp::get().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
+    let index = warp::get().and(warp::path::end()).map(|| {
+        warp::reply::html("<!doctype html><title>rtgate</title><p>rtgate is running. Connect a WebSocket to /ws.</p>")
+    });
+    upgrade.or(healthz).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
+}
+
+fn security_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // "0" turns off the legacy XSS auditor, which itself enabled attacks; CSP is the
+    // protection that counts (OWASP's current advice).
+    h.insert(header::X_XSS_PROTECTION, HeaderValue::from_static("0"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h
+}
+
+/// The JSON body of every HTTP error: `{"error": code, "message": text}`.
+pub fn error_reply(status: StatusCode, code: &str, message: &str) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: &'a str,
+        message: &'a str,
+    }
+    warp::reply::with_status(warp::reply::json(&Body { error: code, message }), status).into_response()
+}
+
+async fn rejection(err: Rejection) -> Result<Response, Infallible> {
+    Ok(if err.is_not_found() {
+        error_reply(StatusCode::NOT_FOUND, "not_found", "Not found")
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error_reply(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed")
+    } else {
+        error_reply(StatusCode::BAD_REQUEST, "bad_request", "Bad request")
+    })
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
+}
+
+async fn upgrade(
+    headers: HeaderMap,
+    on_upgrade: Option<OnUpgrade>,
+    remote: Option<SocketAddr>,
+    gw: Arc<Gateway>,
+) -> Result<Response, Rejection> {
+    // Not an upgrade at all: let `/` fall through to the page.
+    if !header_has_token(&headers, header::UPGRADE, "websocket") {
+        return Err(warp::reject::not_found());
+    }
+    let bad = |message| Ok(error_reply(StatusCode::BAD_REQUEST, "bad_upgrade", message));
+    if !header_has_token(&headers, header::CONNECTION, "upgrade") {
+        return bad("Connection: upgrade is required");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return bad("Sec-WebSocket-Version: 13 is required");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return bad("Sec-WebSocket-Key is required");
+    };
+    let Some(on_upgrade) = on_upgrade else {
+        return bad("this connection cannot be upgraded");
+    };
+    if let Err(refusal) = check_origin(&gw, &headers) {
+        tracing::info!(peer = ?remote, "upgrade refused: {refusal}");
+        return Ok(error_reply(StatusCode::FORBIDDEN, "forbidden_origin", refusal));
+    }
+
+    let accept = derive_accept_key(key.as_bytes());
+    let id = new_client_id();
+    let identity = Identity::new(id.clone(), guest_name(&id));
+    let conn = Arc::new(Conn::new(identity, id, gw.settings.limits.outbox_messages, gw.epoch));
+    let guard = gw.session_guard();
+    let max = gw.settings.limits.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(64 << 10)
+        .max_write_buffer_size(1 << 20)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    tokio::spawn(async move {
+        let _guard = guard;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                crate::session::run(ws, gw, conn).await;
+            }
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+    });
+
+    let mut res = warp::reply().into_response();
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // derive_accept_key yields base64, always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(res)
+}
+
+/// Cross-site WebSocket hijacking defence: a browser always sends `Origin`, and only the
+/// configured origins may open a socket with the user's cookies.
+fn check_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), &'static str> {
+    let server = &gw.settings.server;
+    match headers.get(header::ORIGIN).map(|o| o.to_str()) {
+        None => {
+            if server.allow_missing_origin {
+                Ok(())
+            } else {
+                Err("an Origin header is required")
+            }
+        }
+        Some(Ok(origin)) if server.allowed_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) => Ok(()),
+        Some(_) => Err("origin not allowed"),
+    }
+}
+
+fn guest_name(id: &str) -> Arc<str> {
+    Arc::from(format!("guest-{}", &id[id.len() - 4..]))
+}
+
+fn healthz(gw: Arc<Gateway>) -> Response {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Plugin {
+        name: String,
+        events: Vec<String>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Health {
+        status: &'static str,
+        connections: usize,
+        rooms: usize,
+        uptime_seconds: u64,
+        plugins: Vec<Plugin>,
+    }
+    let plugins =
+        gw.plugins.summary().into_iter().map(|(name, events)| Plugin { name: name.to_string(), events }).collect();
+    warp::reply::json(&Health {
+        status: "ok",
+        connections: gw.hub.connection_count(),
+        rooms: gw.hub.room_count(),
+        uptime_seconds: gw.epoch.elapsed().as_secs(),
+        plugins,
+    })
+    .into_response()
+}

@@ -1,0 +1,59 @@
+//! The `rtgate` binary: load the configuration, start the gateway, stop it on a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rtgate::Settings;
+
+/// A real-time WebSocket gateway with rooms, Lua plugins and persisted history.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file layered over the embedded defaults (also: RTGATE_CONFIG).
+    #[arg(long, env = "RTGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let settings = match Settings::load(args.config.as_deref(), true) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("rtgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log.filter.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
+        .init();
+
+    let running = match rtgate::start(settings).await {
+        Ok(running) => running,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,251 @@
+//! Plugins: the Lua scripts that handle every event type the core does not.
+//!
+//! The plugin host loads each `*.lua` in the plugin directory into a sandboxed VM on a
+//! thread of its own ([`worker`]), records which event types each registered, and routes a
+//! client's event to the one plugin that owns its type. The routing table is swapped
+//! atomically, so sessions read it without a lock and a reload never blocks them.
+//! Two scripts registering the same type is a start-up error naming both files; a script
+//! that fails to load is reported and skipped, and the rest run.
+
+mod api;
+mod worker;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+
+use arc_swap::ArcSwap;
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+pub use api::HookMask;
+use worker::{Job, Registered, Worker};
+
+use crate::config::PluginSettings;
+use crate::conn::Conn;
+use crate::error::ClientError;
+use crate::hub::{Broker, Hub};
+use crate::metrics::Metrics;
+use crate::protocol::RoomName;
+
+/// What scripts can reach: the hub for direct sends, the broker for fan-out.
+pub struct Host {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub settings: PluginSettings,
+}
+
+impl Host {
+    /// `[plugins.settings.<name>]` from the configuration, as `rtgate.config`.
+    fn plugin_settings(&self, plugin: &str) -> Value {
+        self.settings.settings.get(plugin).cloned().unwrap_or_else(|| Value::Object(Map::new()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot read plugin directory {dir}: {source}")]
+    Dir { dir: PathBuf, source: std::io::Error },
+    #[error("event type \"{kind}\" is registered by both {first} and {second}")]
+    Duplicate { kind: String, first: String, second: String },
+}
+
+/// A loaded plugin, as the routing table holds it.
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub file: PathBuf,
+    pub registered: Registered,
+    jobs: Sender<Job>,
+    pending: Arc<AtomicUsize>,
+    queue: usize,
+}
+
+impl Plugin {
+    fn send_event(&self, conn: &Arc<Conn>, kind: Arc<str>, body: Map<String, Value>) -> Result<(), ClientError> {
+        // The bound covers client events only; lifecycle hooks are bounded by the number
+        // of connections and must not be dropped (a plugin relies on seeing a disconnect).
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.queue {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(ClientError::Busy);
+        }
+        let job = Job::Event { conn: conn.clone(), kind, body };
+        self.jobs.send(job).map_err(|_| ClientError::Busy)
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_event: HashMap<Arc<str>, Arc<Plugin>>,
+    plugins: Vec<Arc<Plugin>>,
+}
+
+pub struct PluginHost {
+    host: Arc<Host>,
+    registry: ArcSwap<Registry>,
+}
+
+/// A plugin script read from disk (or the built-in copy).
+struct Script {
+    name: Arc<str>,
+    file: PathBuf,
+    source: String,
+}
+
+/// The bundled plugins, compiled in so that the binary runs anywhere: used when the
+/// configured directory does not exist.
+const BUILT_IN: &[(&str, &str)] = &[("chat.lua", include_str!("../../plugins/chat.lua"))];
+
+impl PluginHost {
+    /// Loads every script of the plugin directory. Only an unreadable directory or a
+    /// duplicate registration is fatal; a broken script is logged and left out.
+    pub async fn start(host: Arc<Host>) -> Result<PluginHost, PluginError> {
+        let scripts = read_scripts(&host.settings.dir)?;
+        let mut plugins = Vec::new();
+        for script in scripts {
+            match spawn(&host, &script, None).await {
+                Ok(plugin) => plugins.push(plugin),
+                Err(error) => tracing::error!(file = %script.file.display(), "plugin not loaded: {error}"),
+            }
+        }
+        let registry = build_registry(plugins)?;
+        for plugin in &registry.plugins {
+            tracing::info!(
+                plugin = %plugin.name,
+                events = ?plugin.registered.events,
+                hooks = ?plugin.registered.hooks,
+                "plugin loaded"
+            );
+        }
+        Ok(PluginHost { host, registry: ArcSwap::from_pointee(registry) })
+    }
+
+    /// Routes a client event to the plugin registered for its type.
+    pub fn dispatch(&self, conn: &Arc<Conn>, kind: &str, body: Map<String, Value>) -> Result<(), ClientError> {
+        let registry = self.registry.load();
+        let Some((kind, plugin)) = registry.by_event.get_key_value(kind) else {
+            return Err(ClientError::unknown_type(kind));
+        };
+        let result = plugin.send_event(conn, kind.clone(), body);
+        if result.is_err() {
+            self.host.metrics.plugin_busy.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Tells every plugin that registered `hook` (a [`HookMask`] bit) about a lifecycle
+    /// event.
+    pub fn hook(&self, hook: u8, conn: &Arc<Conn>, room: Option<&RoomName>) {
+        for plugin in &self.registry.load().plugins {
+            if plugin.registered.hooks.has(hook) {
+                let job = Job::Hook { hook, conn: conn.clone(), room: room.cloned() };
+                let _ = plugin.jobs.send(job);
+            }
+        }
+    }
+
+    /// `(plugin name, event types)` for every loaded plugin, for logs and `/healthz`.
+    pub fn summary(&self) -> Vec<(Arc<str>, Vec<String>)> {
+        self.registry.load().plugins.iter().map(|p| (p.name.clone(), p.registered.events.clone())).collect()
+    }
+
+    /// Lets every worker finish its queue, then stops it.
+    pub async fn shutdown(&self) {
+        let registry = self.registry.swap(Arc::new(Registry::default()));
+        for plugin in &registry.plugins {
+            let (reply, done) = oneshot::channel();
+            if plugin.jobs.send(Job::Retire { reply }).is_ok() {
+                let _ = done.await;
+            }
+        }
+    }
+}
+
+fn read_scripts(dir: &Path) -> Result<Vec<Script>, PluginError> {
+    if !dir.exists() {
+        tracing::warn!(dir = %dir.display(), "plugin directory not found; using the built-in plugins");
+        return Ok(BUILT_IN
+            .iter()
+            .map(|(file, source)| Script {
+                name: Arc::from(file.trim_end_matches(".lua")),
+                file: PathBuf::from(file),
+                source: source.to_string(),
+            })
+            .collect());
+    }
+    let err = |source| PluginError::Dir { dir: dir.to_path_buf(), source };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "lua") && p.is_file())
+        .collect();
+    // Sorted, so that loading (and its log) is the same on every start.
+    paths.sort();
+    let mut scripts = Vec::new();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(source) => scripts.push(Script { name: plugin_name(&path), file: path, source }),
+            Err(e) => tracing::error!(file = %path.display(), "plugin not loaded: {e}"),
+        }
+    }
+    Ok(scripts)
+}
+
+fn plugin_name(path: &Path) -> Arc<str> {
+    Arc::from(path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default().as_ref())
+}
+
+/// Starts a worker thread for `script` and waits until its top level has run.
+async fn spawn(
+    host: &Arc<Host>,
+    script: &Script,
+    state: Option<oneshot::Receiver<Option<Value>>>,
+) -> Result<Arc<Plugin>, String> {
+    let (jobs, queue) = mpsc::channel();
+    let (ready, loaded) = oneshot::channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let file_name = script.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let (h, name, source, p) = (host.clone(), script.name.clone(), script.source.clone(), pending.clone());
+    std::thread::Builder::new()
+        .name(format!("plugin-{}", script.name))
+        .spawn(move || match worker::load(&h, &name, &file_name, &source) {
+            Ok(vm) => {
+                let _ = ready.send(Ok(vm.registered()));
+                Worker::new(h, name, vm, p).run(queue, state);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    let registered = loaded.await.map_err(|_| "the plugin thread stopped while loading".to_string())??;
+    Ok(Arc::new(Plugin {
+        name: script.name.clone(),
+        file: script.file.clone(),
+        registered,
+        jobs,
+        pending,
+        queue: host.settings.queue,
+    }))
+}
+
+fn build_registry(plugins: Vec<Arc<Plugin>>) -> Result<Registry, PluginError> {
+    let mut registry = Registry::default();
+    for plugin in plugins {
+        for kind in &plugin.registered.events {
+            let kind: Arc<str> = Arc::from(kind.as_str());
+            if let Some(first) = registry.by_event.get(&kind) {
+                return Err(PluginError::Duplicate {
+                    kind: kind.to_string(),
+                    first: first.file.display().to_string(),
+                    second: plugin.file.display().to_string(),
+                });
+            }
+            registry.by_event.insert(kind, plugin.clone());
+        }
+        registry.plugins.push(plugin);
+    }
+    Ok(registry)
+}

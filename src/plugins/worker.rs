@@ -1,0 +1,312 @@
+//! One plugin's thread: it owns the plugin's Lua VM and runs its handlers one at a time.
+//!
+//! A VM per plugin on a thread of its own is what makes the sandbox's promises real: a
+//! script stuck until its time budget runs out occupies its own thread, not a tokio worker,
+//! so every other connection and plugin carries on; its memory limit is its own; and its
+//! state needs no locking because only this thread touches it. Sessions hand work over
+//! through a queue that is bounded for client events (a full queue is a `busy` error) and
+//! processed in order, so one client's events reach a plugin in the order they were sent.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use mlua::{Function, IntoLuaMulti, Lua, LuaSerdeExt, Value};
+use serde_json::Map;
+use tokio::sync::oneshot;
+
+use super::Host;
+use super::api::{self, HookMask, VmShared};
+use crate::conn::Conn;
+use crate::error::ClientError;
+use crate::protocol::RoomName;
+
+pub(crate) enum Job {
+    Event {
+        conn: Arc<Conn>,
+        kind: Arc<str>,
+        body: Map<String, serde_json::Value>,
+    },
+    Hook {
+        hook: u8,
+        conn: Arc<Conn>,
+        room: Option<RoomName>,
+    },
+    /// Finish what is queued, hand the script's exported state to `reply`, and stop.
+    Retire {
+        reply: oneshot::Sender<Option<serde_json::Value>>,
+    },
+}
+
+/// What a script registered while it loaded.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub events: Vec<String>,
+    pub hooks: HookMask,
+}
+
+/// Why a handler call did not complete.
+enum Failure {
+    Timeout,
+    Memory,
+    Lua(mlua::Error),
+}
+
+pub(crate) struct Vm {
+    lua: Lua,
+    shared: Rc<VmShared>,
+    deadline: Rc<Cell<Option<Instant>>>,
+    timed_out: Rc<Cell<bool>>,
+}
+
+pub(crate) struct Worker {
+    host: Arc<Host>,
+    name: Arc<str>,
+    vm: Vm,
+    pending: Arc<AtomicUsize>,
+    budget: Duration,
+    /// Throttle for error logs: a client can provoke errors at will, the log must not grow
+    /// with it.
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+/// Builds the VM and runs the script's top level; the result says what it registered, or
+/// why it failed (with the file name and line, as Lua reports them).
+pub(crate) fn load(host: &Arc<Host>, name: &Arc<str>, file_name: &str, source: &str) -> Result<Vm, String> {
+    let shared = Rc::new(VmShared::default());
+    let lua = api::new_vm(host, name, &shared).map_err(|e| e.to_string())?;
+    lua.set_memory_limit(host.settings.memory_limit_mb << 20).map_err(|e| e.to_string())?;
+    let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+    let timed_out = Rc::new(Cell::new(false));
+    let (d, t) = (deadline.clone(), timed_out.clone());
+    // Luau calls this at every function call and loop back-edge, in coroutines and under
+    // pcall too; once the deadline has passed it keeps failing, so a script that catches
+    // the error still cannot continue.
+    lua.set_interrupt(move |_| {
+        if let Some(at) = d.get()
+            && Instant::now() >= at
+        {
+            t.set(true);
+            return Err(mlua::Error::runtime("plugin exceeded its time budget"));
+        }
+        Ok(mlua::VmState::Continue)
+    });
+    let vm = Vm { lua, shared, deadline, timed_out };
+    // The top level runs under the same budget as a handler.
+    let budget = host.settings.time_budget;
+    match vm.guarded(budget, |lua| api::load_script(lua, &vm.shared, file_name, source)) {
+        Ok(()) => Ok(vm),
+        Err(Failure::Timeout) => Err(format!("{file_name}: loading exceeded the time budget")),
+        Err(Failure::Memory) => Err(format!("{file_name}: loading exceeded the memory limit")),
+        Err(Failure::Lua(e)) => Err(first_line(&e)),
+    }
+}
+
+impl Vm {
+    pub(crate) fn registered(&self) -> Registered {
+        let mut events: Vec<String> = self.shared.handlers.borrow().keys().cloned().collect();
+        events.sort();
+        let hooks = self.shared.hooks.borrow();
+        let mut mask = 0;
+        for (i, bit) in [HookMask::CONNECT, HookMask::DISCONNECT, HookMask::JOIN, HookMask::LEAVE].iter().enumerate() {
+            if hooks[i].is_some() {
+                mask |= bit;
+            }
+        }
+        Registered { events, hooks: HookMask(mask) }
+    }
+
+    /// Runs `f` under the time budget, and classifies a failure.
+    fn guarded<R>(&self, budget: Duration, f: impl FnOnce(&Lua) -> mlua::Result<R>) -> Result<R, Failure> {
+        self.timed_out.set(false);
+        self.deadline.set(Some(Instant::now() + budget));
+        let result = f(&self.lua);
+        self.deadline.set(None);
+        if self.timed_out.get() {
+            return Err(Failure::Timeout);
+        }
+        result.map_err(|e| if is_memory_error(&e) { Failure::Memory } else { Failure::Lua(e) })
+    }
+}
+
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+/// Lua errors carry a traceback; the first line says what and where.
+fn first_line(e: &mlua::Error) -> String {
+    let text = match e {
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::CallbackError { cause, .. } => return first_line(cause),
+        other => other.to_string(),
+    };
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+impl Worker {
+    pub(crate) fn new(host: Arc<Host>, name: Arc<str>, vm: Vm, pending: Arc<AtomicUsize>) -> Worker {
+        let budget = host.settings.time_budget;
+        Worker { host, name, vm, pending, budget, last_log: None, suppressed: 0 }
+    }
+
+    /// The thread's body. `state`, when given, is the previous version's exported state
+    /// (hot reload): it is imported before any queued job runs.
+    pub(crate) fn run(mut self, jobs: Receiver<Job>, state: Option<oneshot::Receiver<Option<serde_json::Value>>>) {
+        if let Some(state) = state {
+            match state.blocking_recv() {
+                Ok(Some(value)) => self.import_state(value),
+                Ok(None) => {}
+                // The reload was abandoned: nothing will ever be queued here.
+                Err(_) => return,
+            }
+        }
+        loop {
+            let next = self.vm.shared.timers.borrow_mut().next_deadline();
+            let job = match next {
+                Some(at) => match jobs.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+                None => match jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                },
+            };
+            match job {
+                Some(Job::Event { conn, kind, body }) => {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    self.event(&conn, &kind, body);
+                }
+                Some(Job::Hook { hook, conn, room }) => self.hook(hook, &conn, room),
+                Some(Job::Retire { reply }) => {
+                    let _ = reply.send(self.export_state());
+                    return;
+                }
+                None => {}
+            }
+            self.fire_timers();
+        }
+    }
+
+    fn event(&mut self, conn: &Arc<Conn>, kind: &str, body: Map<String, serde_json::Value>) {
+        self.host.metrics.plugin_calls.fetch_add(1, Ordering::Relaxed);
+        let handler = self.vm.shared.handlers.borrow().get(kind).cloned();
+        let Some(handler) = handler else {
+            // The script was replaced by one without this handler while the event queued.
+            conn.send(ClientError::unknown_type(kind).to_frame());
+            return;
+        };
+        let result = self.vm.guarded(self.budget, |lua| {
+            let client = api::client_table(lua, conn)?;
+            let event = lua.to_value(&body)?;
+            handler.call::<mlua::MultiValue>((client, event))
+        });
+        match result {
+            Ok(ret) => {
+                // `return "code", "message"` refuses the event with that error.
+                let mut ret = ret.into_iter();
+                if let Some(Value::String(code)) = ret.next() {
+                    let code = code.to_string_lossy();
+                    let message = match ret.next() {
+                        Some(Value::String(m)) => m.to_string_lossy(),
+                        _ => code.clone(),
+                    };
+                    conn.send(ClientError::Rejected { code, message }.to_frame());
+                }
+            }
+            Err(failure) => {
+                self.report(kind, failure);
+                conn.send(ClientError::PluginError(kind.to_string()).to_frame());
+            }
+        }
+    }
+
+    fn hook(&mut self, hook: u8, conn: &Arc<Conn>, room: Option<RoomName>) {
+        let slot = hook.trailing_zeros() as usize;
+        let Some(f) = self.vm.shared.hooks.borrow()[slot].clone() else { return };
+        let label = ["on_connect", "on_disconnect", "on_join", "on_leave"][slot];
+        let result = self.vm.guarded(self.budget, |lua| {
+            let client = api::client_table(lua, conn)?;
+            match &room {
+                Some(room) => f.call::<()>((client, room.as_str())),
+                None => f.call::<()>(client),
+            }
+        });
+        if let Err(failure) = result {
+            self.report(label, failure);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        loop {
+            let due = self.vm.shared.timers.borrow_mut().pop_due(Instant::now());
+            let Some(f) = due else { return };
+            if let Err(failure) = self.call(&f, ()) {
+                self.report("timer", failure);
+            }
+        }
+    }
+
+    fn call(&self, f: &Function, args: impl IntoLuaMulti) -> Result<(), Failure> {
+        self.vm.guarded(self.budget, |_| f.call::<()>(args))
+    }
+
+    fn export_state(&mut self) -> Option<serde_json::Value> {
+        let f = self.vm.shared.export_state.borrow().clone()?;
+        let result = self.vm.guarded(self.budget, |lua| {
+            let v: Value = f.call(())?;
+            lua.from_value::<serde_json::Value>(v)
+        });
+        match result {
+            Ok(v) => Some(v),
+            Err(failure) => {
+                self.report("on_state export", failure);
+                None
+            }
+        }
+    }
+
+    fn import_state(&mut self, state: serde_json::Value) {
+        let Some(f) = self.vm.shared.import_state.borrow().clone() else { return };
+        let result = self.vm.guarded(self.budget, |lua| f.call::<()>(lua.to_value(&state)?));
+        if let Err(failure) = result {
+            self.report("on_state import", failure);
+        }
+    }
+
+    fn report(&mut self, what: &str, failure: Failure) {
+        let metrics = &self.host.metrics;
+        match failure {
+            Failure::Timeout => metrics.plugin_timeouts.fetch_add(1, Ordering::Relaxed),
+            _ => metrics.plugin_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        if let Failure::Memory = failure {
+            // Give back whatever the failed call left unreferenced before the next one.
+            let _ = self.vm.lua.gc_collect();
+        }
+        let now = Instant::now();
+        if self.last_log.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return;
+        }
+        self.last_log = Some(now);
+        let suppressed = std::mem::take(&mut self.suppressed);
+        let error = match failure {
+            Failure::Timeout => format!("stopped after the time budget of {:?}", self.budget),
+            Failure::Memory => format!("stopped at the memory limit of {} MiB", self.host.settings.memory_limit_mb),
+            Failure::Lua(e) => first_line(&e),
+        };
+        tracing::warn!(plugin = %self.name, handler = what, suppressed, "plugin error: {error}");
+    }
+}

@@ -1,0 +1,188 @@
+//! The wire protocol: what a client may send, parsed in one place, and the messages the
+//! core itself sends.
+//!
+//! A text frame carries one JSON object with a string `type`. The core understands only
+//! room membership (`join_room`, `leave_room`); every other type is handed, still as a
+//! JSON object, to the Lua plugin registered for it. Keeping the core's vocabulary this
+//! small is what lets operators add event types without touching Rust. The server's own
+//! messages are the seed's (`welcome`, `room_joined`, `user_joined`, `user_left`, `error`)
+//! with the same field names, so a client written for the seed works unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::error::ClientError;
+
+/// One WebSocket message as queued for a client. Text frames wrap reference-counted bytes,
+/// so a frame serialized once is shared by every subscriber it is delivered to.
+pub type Frame = Message;
+
+/// A validated room name: 1 to 64 of ASCII letters, digits, `_`, `-`, `.`, `:`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+impl RoomName {
+    pub fn parse(s: &str) -> Result<RoomName, ClientError> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        if ok { Ok(RoomName(Arc::from(s))) } else { Err(ClientError::InvalidRoom) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for RoomName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Everything a client can send, decided here and nowhere else.
+#[derive(Debug)]
+pub enum ClientEvent {
+    JoinRoom {
+        room: RoomName,
+    },
+    LeaveRoom {
+        room: RoomName,
+    },
+    /// Any other type: routed to the plugin registered for `kind`, with the whole object.
+    Plugin {
+        kind: String,
+        body: Map<String, Value>,
+    },
+}
+
+impl ClientEvent {
+    pub fn parse(text: &str) -> Result<ClientEvent, ClientError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+        let Value::Object(body) = value else {
+            return Err(ClientError::NotAnObject);
+        };
+        let kind = match body.get("type") {
+            Some(Value::String(kind)) => kind.as_str(),
+            _ => return Err(ClientError::MissingType),
+        };
+        match kind {
+            "join_room" => Ok(ClientEvent::JoinRoom { room: room_field(&body)? }),
+            "leave_room" => Ok(ClientEvent::LeaveRoom { room: room_field(&body)? }),
+            _ => Ok(ClientEvent::Plugin { kind: kind.to_string(), body }),
+        }
+    }
+}
+
+fn room_field(body: &Map<String, Value>) -> Result<RoomName, ClientError> {
+    match body.get("room") {
+        Some(Value::String(room)) => RoomName::parse(room),
+        _ => Err(ClientError::InvalidRoom),
+    }
+}
+
+/// Serializes a server message once into a shareable text frame.
+pub fn frame<T: Serialize + ?Sized>(msg: &T) -> Frame {
+    // Serializing our own plain structs (strings, numbers, arrays) cannot fail.
+    let text = serde_json::to_string(msg).unwrap_or_else(|_| "{}".to_string());
+    Message::text(text)
+}
+
+pub fn error_frame(code: &str, message: &str) -> Frame {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        r#type: &'static str,
+        code: &'a str,
+        message: &'a str,
+    }
+    frame(&Error { r#type: "error", code, message })
+}
+
+pub fn welcome(client_id: &str, user_id: &str, username: &str) -> Frame {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Welcome<'a> {
+        r#type: &'static str,
+        client_id: &'a str,
+        message: &'static str,
+        user_id: &'a str,
+        username: &'a str,
+    }
+    frame(&Welcome { r#type: "welcome", client_id, message: "Connected to WebSocket server", user_id, username })
+}
+
+pub fn room_joined(room: &RoomName, members: &[&str]) -> Frame {
+    #[derive(Serialize)]
+    struct RoomJoined<'a> {
+        r#type: &'static str,
+        room: &'a RoomName,
+        members: &'a [&'a str],
+    }
+    frame(&RoomJoined { r#type: "room_joined", room, members })
+}
+
+/// `user_joined` / `user_left`, with the seed's human-readable `message`.
+pub fn presence(joined: bool, client_id: &str, user_id: &str, username: &str, room: &RoomName) -> Frame {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Presence<'a> {
+        r#type: &'static str,
+        client_id: &'a str,
+        room: &'a RoomName,
+        message: String,
+        user_id: &'a str,
+        username: &'a str,
+    }
+    let (kind, verb) = if joined { ("user_joined", "joined") } else { ("user_left", "left") };
+    frame(&Presence {
+        r#type: kind,
+        client_id,
+        room,
+        message: format!("User {client_id} {verb} the room"),
+        user_id,
+        username,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names() {
+        assert!(RoomName::parse("general").is_ok());
+        assert!(RoomName::parse("game-1:a_b.c").is_ok());
+        assert!(RoomName::parse(&"a".repeat(64)).is_ok());
+        assert!(RoomName::parse(&"a".repeat(65)).is_err());
+        assert!(RoomName::parse("").is_err());
+        assert!(RoomName::parse("a b").is_err());
+        assert!(RoomName::parse("é").is_err());
+        assert!(RoomName::parse("../x").is_err());
+    }
+
+    #[test]
+    fn parse_errors_have_codes() {
+        let code = |s: &str| ClientEvent::parse(s).unwrap_err().code().to_string();
+        assert_eq!(code("{"), "invalid_json");
+        assert_eq!(code("[1]"), "not_an_object");
+        assert_eq!(code("{\"type\":1}"), "missing_type");
+        assert_eq!(code("{}"), "missing_type");
+        assert_eq!(code("{\"type\":\"join_room\",\"room\":\"a b\"}"), "invalid_room");
+        assert_eq!(code("{\"type\":\"join_room\"}"), "invalid_room");
+    }
+}

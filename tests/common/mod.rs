@@ -1,0 +1,218 @@
+//! Test harness: the real gateway on 127.0.0.1 port 0, and a real WebSocket client.
+//!
+//! Every wait has a generous timeout (a loaded 2-core CI machine is slow, not broken) and
+//! absence is never asserted with a sleep: a test proves a client did *not* get something
+//! by sending a later message on the same path and seeing that arrive first.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rtgate::{Running, Settings};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Long enough for a loaded CI machine; an event that takes this long is a bug.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Defaults as shipped, bound to a free loopback port, with the repository's plugins.
+pub fn settings() -> Settings {
+    let mut s = Settings::defaults();
+    s.server.bind = "127.0.0.1:0".parse().unwrap();
+    s.plugins.dir = repo_path("plugins");
+    s
+}
+
+pub struct Gw {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+}
+
+impl Gw {
+    pub async fn start(settings: Settings) -> Gw {
+        init_logs();
+        let running = rtgate::start(settings).await.expect("gateway starts");
+        let addr = running.addr;
+        Gw { running: Some(running), addr }
+    }
+
+    pub async fn default() -> Gw {
+        Gw::start(settings()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url()).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub id: String,
+    pub welcome: Value,
+}
+
+impl Client {
+    /// Connects and consumes the `welcome` message.
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let mut client = Client { ws, id: String::new(), welcome: Value::Null };
+        let welcome = client.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client.id = welcome["clientId"].as_str().expect("clientId").to_string();
+        client.welcome = welcome;
+        client
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next JSON message, skipping control frames; panics on close or timeout.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(TIMEOUT, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("client {} got nothing within {TIMEOUT:?}", self.id))
+                .unwrap_or_else(|| panic!("client {}: stream ended", self.id))
+                .unwrap_or_else(|e| panic!("client {}: {e}", self.id));
+            match msg {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sent JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("client {}: unexpected frame {other:?}", self.id),
+            }
+        }
+    }
+
+    /// The next message, which must be of type `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let msg = self.recv().await;
+        assert_eq!(msg["type"], kind, "client {} expected {kind}, got {msg}", self.id);
+        msg
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join_room", "room": room})).await;
+        self.expect("room_joined").await
+    }
+
+    /// Sends `msg` and returns the error reply, which must have `code`.
+    pub async fn expect_error(&mut self, msg: Value, code: &str) -> Value {
+        self.send(msg).await;
+        let reply = self.expect("error").await;
+        assert_eq!(reply["code"], code, "{reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()), "{reply}");
+        reply
+    }
+
+    /// Round-trips a message through the server, proving every earlier reply was read.
+    /// Uses a join of a private scratch room, which only this client sees.
+    pub async fn sync(&mut self) {
+        let room = format!("sync-{}", &self.id[self.id.len() - 8..]);
+        self.send(json!({"type": "join_room", "room": room})).await;
+        let reply = self.expect("room_joined").await;
+        assert_eq!(reply["room"], room.as_str());
+        self.send(json!({"type": "leave_room", "room": room})).await;
+    }
+
+    /// Reads until the server closes; returns the close frame (None: closed without one).
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.ws.next()).await.expect("close within timeout") {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server's close reply, so the disconnect is complete.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(TIMEOUT, self.ws.next()).await {}
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket: returns (status, headers lowercased, body).
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in extra_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.expect("response in time").expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Copies the repository's plugins, plus `extra` (name, source) scripts, into a temp dir.
+pub fn plugin_dir(extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(repo_path("plugins")).expect("plugins dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "lua") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).expect("copy");
+        }
+    }
+    for (name, source) in extra {
+        std::fs::write(dir.path().join(name), source).expect("write plugin");
+    }
+    dir
+}
