@@ -28,6 +28,7 @@ async fn main() -> ExitCode {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log.filter.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
 
     let running = match rtgate::start(settings).await {

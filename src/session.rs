@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -27,7 +27,7 @@ use crate::plugins::HookMask;
 use crate::protocol::{self, ClientEvent, Frame};
 
 /// How long the closing handshake may take once the gateway decided to close.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a session ended, and so how its socket is closed.
 enum End {
@@ -71,10 +71,36 @@ where
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+        if let Ok(Ok(())) = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await {
+            // Read until the client hangs up: closing a socket with unread input makes the
+            // kernel send a reset, which can destroy the close frame before it is read.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, linger(&mut ws, matches!(end, End::TooBig))).await;
+        }
     } else if matches!(end, End::ClientClosed) {
         // Completes the handshake: tungstenite has queued the reply to the client's close.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+    }
+}
+
+/// Waits for the client's side of the closing handshake. After an oversized frame the
+/// stream is mid-frame and cannot be parsed, so its bytes are discarded raw (at most 1 MiB).
+async fn linger<S>(ws: &mut WebSocketStream<S>, raw: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !raw {
+        while let Some(Ok(_)) = ws.next().await {}
+        return;
+    }
+    let io = ws.get_mut();
+    let _ = io.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
     }
 }
 

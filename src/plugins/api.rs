@@ -34,6 +34,19 @@ impl HookMask {
     }
 }
 
+impl std::fmt::Display for HookMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            (Self::CONNECT, "connect"),
+            (Self::DISCONNECT, "disconnect"),
+            (Self::JOIN, "join"),
+            (Self::LEAVE, "leave"),
+        ];
+        let set: Vec<&str> = names.iter().filter(|(bit, _)| self.has(*bit)).map(|(_, name)| *name).collect();
+        write!(f, "[{}]", set.join(", "))
+    }
+}
+
 /// State shared between the worker and the functions it installed into its VM.
 #[derive(Default)]
 pub struct VmShared {

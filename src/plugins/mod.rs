@@ -115,7 +115,7 @@ impl PluginHost {
             tracing::info!(
                 plugin = %plugin.name,
                 events = ?plugin.registered.events,
-                hooks = ?plugin.registered.hooks,
+                hooks = %plugin.registered.hooks,
                 "plugin loaded"
             );
         }

@@ -1,0 +1,230 @@
+//! The gateway under abuse: hostile input, clients that stop reading or go silent, and
+//! plugins that fail. Each ends by checking that ordinary clients are still served.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Two fresh clients can still meet in a room and chat.
+async fn still_chats(gw: &Gw) {
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("after").await;
+    b.join("after").await;
+    a.expect("user_joined").await;
+    b.send(json!({"type": "chat", "room": "after", "message": "still here"})).await;
+    assert_eq!(a.expect("chat_message").await["message"], "still here");
+    assert_eq!(b.expect("chat_message").await["message"], "still here");
+}
+
+fn hostile_frame(rng: &mut impl Rng) -> Message {
+    let types = [
+        "chat",
+        "join_room",
+        "leave_room",
+        "typing_start",
+        "game_move",
+        "find_game",
+        "file_share",
+        "",
+        "__proto__",
+        "constructor",
+    ];
+    let kind = types[rng.random_range(0..types.len())];
+    let junk: String =
+        (0..rng.random_range(0..40)).map(|_| char::from_u32(rng.random_range(1..0x2FFF)).unwrap_or('x')).collect();
+    match rng.random_range(0..12) {
+        0 => Message::text(junk),
+        1 => Message::binary((0..rng.random_range(0..300)).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()),
+        2 => Message::text(format!("{}{}", "[".repeat(rng.random_range(100..5000)), "]".repeat(10))),
+        3 => Message::text(format!("{{\"type\":\"{kind}\",\"room\":{}}}", json!(junk))),
+        4 => Message::text(format!(
+            "{{\"type\":\"{kind}\",\"room\":\"r{}\",\"message\":{}}}",
+            rng.random_range(0..5),
+            json!(junk)
+        )),
+        5 => Message::text(format!("{{\"type\":\"{kind}\",\"message\":1e999999,\"room\":null}}")),
+        6 => Message::text(format!("{{\"type\":\"{kind}\",\"room\":[1,{{\"a\":[]}}],\"message\":{{}}}}")),
+        7 => Message::text(
+            json!({"type": kind, "room": "r1", "message": "x".repeat(rng.random_range(0..3000))}).to_string(),
+        ),
+        8 => Message::text(format!("{{\"type\":\"{kind}\",\"type\":\"chat\",\"message\":\"dup\"}}")),
+        9 => Message::text(
+            json!({"type": kind, "position": rng.random_range(-5..20), "size": -1, "filename": "../../etc/passwd"})
+                .to_string(),
+        ),
+        10 => Message::text("\u{0}\u{1}{\"type\":\"chat\"}"),
+        _ => Message::Ping(vec![1, 2, 3].into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_hostile_frames_break_nothing() {
+    let gw = Gw::default().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut watcher = gw.client().await;
+    watcher.join("r1").await;
+    let mut sent = 0;
+    while sent < 5000 {
+        let mut c = gw.client().await;
+        for _ in 0..500 {
+            if c.ws.send(hostile_frame(&mut rng)).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        // A frame over the size limit ends this connection with 1009; every other
+        // frame leaves it open.
+        let big = Message::text(format!("{{\"type\":\"chat\",\"message\":\"{}\"}}", "y".repeat(70_000)));
+        if c.ws.send(big).await.is_ok() {
+            let mut saw_close = None;
+            while let Ok(Some(frame)) = tokio::time::timeout(TIMEOUT, c.ws.next()).await {
+                match frame {
+                    Ok(Message::Close(frame)) => {
+                        saw_close = frame.map(|f| u16::from(f.code));
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => panic!("hostile client: {e}"),
+                }
+            }
+            assert_eq!(saw_close, Some(1009));
+        }
+    }
+    // The watcher saw only well-formed messages from the hostile traffic (broadcasts and
+    // notices), and is still served.
+    watcher.send(json!({"type": "join_room", "room": "watch-sync"})).await;
+    loop {
+        let m = watcher.recv().await;
+        let kind = m["type"].as_str().expect("a string type");
+        assert!(["chat_message", "user_joined", "user_left", "room_joined"].contains(&kind), "{m}");
+        if kind == "room_joined" && m["room"] == "watch-sync" {
+            break;
+        }
+    }
+    still_chats(&gw).await;
+    let (status, _, body) = http_get(gw.addr, "/healthz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others() {
+    let mut s = settings();
+    s.limits.outbox_messages = 16;
+    let gw = Gw::start(s).await;
+    let mut reader = gw.client().await;
+    let mut slow = gw.client().await;
+    let mut publisher = gw.client().await;
+    reader.join("flood").await;
+    slow.join("flood").await;
+    reader.expect("user_joined").await;
+    // From here on `slow` reads nothing. The publisher is not a member: only the
+    // reader and `slow` receive the flood.
+    let slow_id = slow.id.clone();
+    let payload = "z".repeat(32 * 1024);
+    let flood = tokio::spawn(async move {
+        // Bounded: 4,000 × 32 KiB is far more than the loopback socket buffers hold.
+        for i in 0..4000 {
+            let msg = json!({"type": "chat", "room": "flood", "message": format!("{i}:{payload}")});
+            if publisher.ws.send(Message::text(msg.to_string())).await.is_err() {
+                break;
+            }
+        }
+        publisher
+    });
+    let mut next = 0;
+    loop {
+        let m = reader.recv().await;
+        match m["type"].as_str() {
+            Some("chat_message") => {
+                // In order, none missing: the slow member did not hold the reader back.
+                let text = m["message"].as_str().unwrap();
+                assert!(text.starts_with(&format!("{next}:")), "expected message {next}");
+                next += 1;
+            }
+            Some("user_left") => {
+                assert_eq!(m["clientId"], slow_id.as_str());
+                break;
+            }
+            other => panic!("unexpected {other:?}: {m}"),
+        }
+        assert!(next < 4000, "the slow client was never disconnected");
+    }
+    let _ = flood.await;
+    // Once it reads again, the slow client finds the close frame after what it was sent.
+    let close = slow.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    still_chats(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_pings_and_terminates_silent_connections() {
+    let mut s = settings();
+    s.heartbeat.interval = Duration::from_millis(100);
+    s.heartbeat.timeout = Duration::from_millis(600);
+    let gw = Gw::start(s).await;
+
+    // A live client is pinged, and its library's pongs keep it connected.
+    let mut live = gw.client().await;
+    live.join("hb").await;
+    let mut pings = 0;
+    while pings < 10 {
+        match tokio::time::timeout(TIMEOUT, live.ws.next()).await.expect("ping in time") {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+            _ => panic!("live client was disconnected"),
+        }
+    }
+
+    // A client that stops polling its socket sends no pongs and is terminated.
+    let mut silent = gw.client().await;
+    silent.join("hb").await;
+    let silent_id = silent.id.clone();
+    let notice = live.expect("user_joined").await;
+    assert_eq!(notice["clientId"], silent_id.as_str());
+    let left = live.expect("user_left").await;
+    assert_eq!(left["clientId"], silent_id.as_str());
+    assert_eq!(left["room"], "hb");
+    drop(silent);
+    // The live client, which kept answering, is still connected and served.
+    live.sync().await;
+}
+
+#[tokio::test]
+async fn a_failing_plugin_costs_only_its_own_event() {
+    let dir = plugin_dir(&[(
+        "boom.lua",
+        r#"
+        rtgate.on("boom", function(client, event)
+          error("kaboom")
+        end)
+        rtgate.on("bad_output", function(client, event)
+          rtgate.send(client.id, { no_type = true })
+        end)
+        "#,
+    )]);
+    let mut s = settings();
+    s.plugins.dir = dir.path().to_path_buf();
+    let gw = Gw::start(s).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("r").await;
+    b.join("r").await;
+    a.expect("user_joined").await;
+    for _ in 0..3 {
+        let err = a.expect_error(json!({"type": "boom"}), "plugin_error").await;
+        assert!(err["message"].as_str().unwrap().contains("boom"), "{err}");
+    }
+    a.expect_error(json!({"type": "bad_output"}), "plugin_error").await;
+    a.send(json!({"type": "chat", "room": "r", "message": "fine"})).await;
+    for c in [&mut a, &mut b] {
+        let m: Value = c.expect("chat_message").await;
+        assert_eq!(m["message"], "fine");
+    }
+}
