@@ -59,6 +59,9 @@ pub struct PluginSettings {
     #[serde(deserialize_with = "duration")]
     pub time_budget: Duration,
     pub memory_limit_mb: usize,
+    pub hot_reload: bool,
+    #[serde(deserialize_with = "duration")]
+    pub reload_debounce: std::time::Duration,
     /// `[plugins.settings.<plugin>]`: free-form tables handed to each script as
     /// `rtgate.config`.
     #[serde(default)]

@@ -110,6 +110,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         })
     };
 
+    let watching = gateway.plugins.watch();
+    let watcher = {
+        let gw = gateway.clone();
+        tokio::spawn(async move {
+            if let Some(watching) = watching {
+                gw.plugins.reload_on_change(watching).await;
+            }
+        })
+    };
+
     let (stop, stopped) = oneshot::channel::<()>();
     let routes = crate::http::routes(gateway.clone());
     let server = tokio::spawn(
@@ -121,7 +131,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             .run(),
     );
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
-    Ok(Running { addr, gateway, stop: Some(stop), server, background: vec![heartbeat] })
+    Ok(Running { addr, gateway, stop: Some(stop), server, background: vec![heartbeat, watcher] })
 }
 
 impl Running {

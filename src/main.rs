@@ -13,6 +13,10 @@ struct Args {
     /// Configuration file layered over the embedded defaults (also: RTGATE_CONFIG).
     #[arg(long, env = "RTGATE_CONFIG")]
     config: Option<PathBuf>,
+    /// Check the configuration and load every plugin, report problems, and exit
+    /// (0: all good, 1: a plugin failed, 2: the configuration is invalid).
+    #[arg(long)]
+    check: bool,
 }
 
 #[tokio::main]
@@ -25,6 +29,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        let failures = rtgate::plugins::check_dir(&settings.plugins).await;
+        for (file, error) in &failures {
+            eprintln!("rtgate: {file}: {error}");
+        }
+        if failures.is_empty() {
+            println!("configuration and plugins are valid");
+            return ExitCode::SUCCESS;
+        }
+        return ExitCode::from(1);
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log.filter.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_default())

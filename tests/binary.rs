@@ -90,3 +90,14 @@ async fn starts_logs_its_address_and_plugins_serves_and_stops_on_sigterm() {
     let status = exit_rx.recv_timeout(TIMEOUT).expect("rtgate exits after SIGTERM").unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn check_reports_broken_plugins_with_file_and_line() {
+    let out = rtgate().arg("--check").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = plugin_dir(&[("bad.lua", "rtgate.on(\"bad\", function()\n  return )\nend)\n")]);
+    let out = rtgate().arg("--check").env("RTGATE__PLUGINS__DIR", dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad.lua:2"), "{stderr}");
+}

@@ -248,6 +248,15 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
 
     let h = host.clone();
     rt.raw_set(
+        "in_room",
+        lua.create_function(move |_, (id, room): (String, String)| {
+            let Ok(room) = RoomName::parse(&room) else { return Ok(false) };
+            Ok(h.hub.conn(&id).is_some_and(|c| c.in_room(&room)))
+        })?,
+    )?;
+
+    let h = host.clone();
+    rt.raw_set(
         "client",
         lua.create_function(move |lua, id: String| match h.hub.conn(&id) {
             Some(conn) => Ok(Value::Table(client_table(lua, &conn)?)),

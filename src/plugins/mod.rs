@@ -8,6 +8,7 @@
 //! that fails to load is reported and skipped, and the rest run.
 
 mod api;
+mod reload;
 mod worker;
 
 use std::collections::HashMap;
@@ -15,12 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc as StdArc, OnceLock};
 
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 pub use api::HookMask;
+pub use reload::Watching;
 use worker::{Job, Registered, Worker};
 
 use crate::config::PluginSettings;
@@ -58,21 +61,67 @@ pub struct Plugin {
     pub name: Arc<str>,
     pub file: PathBuf,
     pub registered: Registered,
+    /// The script as loaded, to tell whether a file on disk changed.
+    source: String,
     jobs: Sender<Job>,
     pending: Arc<AtomicUsize>,
     queue: usize,
+    /// Set when a reload replaces this plugin: jobs that reach the old worker after its
+    /// state was handed over are passed on to the new one instead of being lost.
+    successor: StdArc<OnceLock<Successor>>,
+}
+
+enum SendFailure {
+    /// `plugins.queue` events are already waiting.
+    Full,
+    /// The worker has stopped (a reload replaced it); the event is handed back.
+    Stopped(Map<String, Value>),
+}
+
+/// Where a retired worker forwards stragglers.
+#[derive(Clone)]
+pub(crate) struct Successor {
+    jobs: Sender<Job>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Successor {
+    pub(crate) fn forward(&self, job: Job) {
+        if let Job::Event { .. } = job {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.jobs.send(job);
+    }
 }
 
 impl Plugin {
-    fn send_event(&self, conn: &Arc<Conn>, kind: Arc<str>, body: Map<String, Value>) -> Result<(), ClientError> {
+    /// Lets the worker finish its queue, stops it, and returns the script's exported state.
+    async fn retire(&self) -> Option<Value> {
+        let (reply, done) = oneshot::channel();
+        self.jobs.send(Job::Retire { reply }).ok()?;
+        done.await.ok().flatten()
+    }
+
+    fn send_event(&self, conn: &Arc<Conn>, kind: Arc<str>, body: Map<String, Value>) -> Result<(), SendFailure> {
         // The bound covers client events only; lifecycle hooks are bounded by the number
         // of connections and must not be dropped (a plugin relies on seeing a disconnect).
         if self.pending.fetch_add(1, Ordering::Relaxed) >= self.queue {
             self.pending.fetch_sub(1, Ordering::Relaxed);
-            return Err(ClientError::Busy);
+            return Err(SendFailure::Full);
         }
         let job = Job::Event { conn: conn.clone(), kind, body };
-        self.jobs.send(job).map_err(|_| ClientError::Busy)
+        match self.jobs.send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::SendError(Job::Event { body, .. })) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+                Err(SendFailure::Stopped(body))
+            }
+            Err(_) => Err(SendFailure::Full),
+        }
+    }
+
+    fn successor(&self) -> Successor {
+        Successor { jobs: self.jobs.clone(), pending: self.pending.clone() }
     }
 }
 
@@ -85,6 +134,8 @@ struct Registry {
 pub struct PluginHost {
     host: Arc<Host>,
     registry: ArcSwap<Registry>,
+    /// Bumped after every reload attempt, applied or refused (tests await it).
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 /// A plugin script read from disk (or the built-in copy).
@@ -96,7 +147,13 @@ struct Script {
 
 /// The bundled plugins, compiled in so that the binary runs anywhere: used when the
 /// configured directory does not exist.
-const BUILT_IN: &[(&str, &str)] = &[("chat.lua", include_str!("../../plugins/chat.lua"))];
+const BUILT_IN: &[(&str, &str)] = &[
+    ("chat.lua", include_str!("../../plugins/chat.lua")),
+    ("chat_message.lua", include_str!("../../plugins/chat_message.lua")),
+    ("file_share.lua", include_str!("../../plugins/file_share.lua")),
+    ("tictactoe.lua", include_str!("../../plugins/tictactoe.lua")),
+    ("typing.lua", include_str!("../../plugins/typing.lua")),
+];
 
 impl PluginHost {
     /// Loads every script of the plugin directory. Only an unreadable directory or a
@@ -119,20 +176,27 @@ impl PluginHost {
                 "plugin loaded"
             );
         }
-        Ok(PluginHost { host, registry: ArcSwap::from_pointee(registry) })
+        let (reloads, _) = tokio::sync::watch::channel(0);
+        Ok(PluginHost { host, registry: ArcSwap::from_pointee(registry), reloads })
     }
 
     /// Routes a client event to the plugin registered for its type.
-    pub fn dispatch(&self, conn: &Arc<Conn>, kind: &str, body: Map<String, Value>) -> Result<(), ClientError> {
-        let registry = self.registry.load();
-        let Some((kind, plugin)) = registry.by_event.get_key_value(kind) else {
-            return Err(ClientError::unknown_type(kind));
-        };
-        let result = plugin.send_event(conn, kind.clone(), body);
-        if result.is_err() {
-            self.host.metrics.plugin_busy.fetch_add(1, Ordering::Relaxed);
+    pub fn dispatch(&self, conn: &Arc<Conn>, kind: &str, mut body: Map<String, Value>) -> Result<(), ClientError> {
+        // Twice at most: a worker found stopped was just replaced by a reload, and the
+        // fresh routing table names its successor.
+        for _ in 0..2 {
+            let registry = self.registry.load();
+            let Some((kind, plugin)) = registry.by_event.get_key_value(kind) else {
+                return Err(ClientError::unknown_type(kind));
+            };
+            match plugin.send_event(conn, kind.clone(), body) {
+                Ok(()) => return Ok(()),
+                Err(SendFailure::Full) => break,
+                Err(SendFailure::Stopped(returned)) => body = returned,
+            }
         }
-        result
+        self.host.metrics.plugin_busy.fetch_add(1, Ordering::Relaxed);
+        Err(ClientError::Busy)
     }
 
     /// Tells every plugin that registered `hook` (a [`HookMask`] bit) about a lifecycle
@@ -141,9 +205,25 @@ impl PluginHost {
         for plugin in &self.registry.load().plugins {
             if plugin.registered.hooks.has(hook) {
                 let job = Job::Hook { hook, conn: conn.clone(), room: room.cloned() };
-                let _ = plugin.jobs.send(job);
+                if let Err(mpsc::SendError(job)) = plugin.jobs.send(job) {
+                    // The worker stopped between our reading the table and sending: a reload
+                    // just replaced it. Hooks must not be lost (a game must hear of a
+                    // disconnect), so hand it to whoever now has this plugin's name.
+                    self.resend_hook(&plugin.name, job);
+                }
             }
         }
+    }
+
+    fn resend_hook(&self, name: &str, job: Job) {
+        if let Some(current) = self.registry.load().plugins.iter().find(|p| &*p.name == name) {
+            let _ = current.jobs.send(job);
+        }
+    }
+
+    /// A receiver that changes after every reload attempt.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// `(plugin name, event types)` for every loaded plugin, for logs and `/healthz`.
@@ -155,12 +235,37 @@ impl PluginHost {
     pub async fn shutdown(&self) {
         let registry = self.registry.swap(Arc::new(Registry::default()));
         for plugin in &registry.plugins {
-            let (reply, done) = oneshot::channel();
-            if plugin.jobs.send(Job::Retire { reply }).is_ok() {
-                let _ = done.await;
-            }
+            plugin.retire().await;
         }
     }
+}
+
+/// Loads every script of `settings.dir` in a throwaway VM and returns `(file, error)` for
+/// each that fails (`rtgate --check`). Nothing is served.
+pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
+    let metrics = Arc::new(Metrics::default());
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
+    let host = Arc::new(Host { hub, broker, metrics, settings: settings.clone() });
+    let scripts = match read_scripts(&settings.dir) {
+        Ok(scripts) => scripts,
+        Err(e) => return vec![(settings.dir.display().to_string(), e.to_string())],
+    };
+    let mut failures = Vec::new();
+    let mut loaded = Vec::new();
+    for script in scripts {
+        match spawn(&host, &script, None).await {
+            Ok(plugin) => loaded.push(plugin),
+            Err(e) => failures.push((script.file.display().to_string(), e)),
+        }
+    }
+    if let Err(e) = build_registry(loaded.clone()) {
+        failures.push((settings.dir.display().to_string(), e.to_string()));
+    }
+    for plugin in loaded {
+        plugin.retire().await;
+    }
+    failures
 }
 
 fn read_scripts(dir: &Path) -> Result<Vec<Script>, PluginError> {
@@ -206,6 +311,8 @@ async fn spawn(
     let (jobs, queue) = mpsc::channel();
     let (ready, loaded) = oneshot::channel();
     let pending = Arc::new(AtomicUsize::new(0));
+    let successor: StdArc<OnceLock<Successor>> = StdArc::default();
+    let forward = successor.clone();
     let file_name = script.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let (h, name, source, p) = (host.clone(), script.name.clone(), script.source.clone(), pending.clone());
     std::thread::Builder::new()
@@ -213,7 +320,7 @@ async fn spawn(
         .spawn(move || match worker::load(&h, &name, &file_name, &source) {
             Ok(vm) => {
                 let _ = ready.send(Ok(vm.registered()));
-                Worker::new(h, name, vm, p).run(queue, state);
+                Worker::new(h, name, (file_name, source), vm, p).run(queue, state, forward);
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -225,9 +332,11 @@ async fn spawn(
         name: script.name.clone(),
         file: script.file.clone(),
         registered,
+        source: script.source.clone(),
         jobs,
         pending,
         queue: host.settings.queue,
+        successor,
     }))
 }
 

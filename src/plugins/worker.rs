@@ -9,17 +9,17 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use mlua::{Function, IntoLuaMulti, Lua, LuaSerdeExt, Value};
 use serde_json::Map;
 use tokio::sync::oneshot;
 
-use super::Host;
 use super::api::{self, HookMask, VmShared};
+use super::{Host, Successor};
 use crate::conn::Conn;
 use crate::error::ClientError;
 use crate::protocol::RoomName;
@@ -65,6 +65,9 @@ pub(crate) struct Vm {
 pub(crate) struct Worker {
     host: Arc<Host>,
     name: Arc<str>,
+    /// (file name, source): to start the script afresh if its VM is wedged at its memory
+    /// limit.
+    script: (String, String),
     vm: Vm,
     pending: Arc<AtomicUsize>,
     budget: Duration,
@@ -154,14 +157,25 @@ fn first_line(e: &mlua::Error) -> String {
 }
 
 impl Worker {
-    pub(crate) fn new(host: Arc<Host>, name: Arc<str>, vm: Vm, pending: Arc<AtomicUsize>) -> Worker {
+    pub(crate) fn new(
+        host: Arc<Host>,
+        name: Arc<str>,
+        script: (String, String),
+        vm: Vm,
+        pending: Arc<AtomicUsize>,
+    ) -> Worker {
         let budget = host.settings.time_budget;
-        Worker { host, name, vm, pending, budget, last_log: None, suppressed: 0 }
+        Worker { host, name, script, vm, pending, budget, last_log: None, suppressed: 0 }
     }
 
     /// The thread's body. `state`, when given, is the previous version's exported state
     /// (hot reload): it is imported before any queued job runs.
-    pub(crate) fn run(mut self, jobs: Receiver<Job>, state: Option<oneshot::Receiver<Option<serde_json::Value>>>) {
+    pub(crate) fn run(
+        mut self,
+        jobs: Receiver<Job>,
+        state: Option<oneshot::Receiver<Option<serde_json::Value>>>,
+        successor: Arc<OnceLock<Successor>>,
+    ) {
         if let Some(state) = state {
             match state.blocking_recv() {
                 Ok(Some(value)) => self.import_state(value),
@@ -191,11 +205,29 @@ impl Worker {
                 Some(Job::Hook { hook, conn, room }) => self.hook(hook, &conn, room),
                 Some(Job::Retire { reply }) => {
                     let _ = reply.send(self.export_state());
+                    self.hand_over(&jobs, successor.get());
                     return;
                 }
                 None => {}
             }
             self.fire_timers();
+        }
+    }
+
+    /// After retiring: jobs sent by sessions that read the routing table just before the
+    /// reload swapped it go to the new version, or, if the plugin was deleted, are refused.
+    fn hand_over(&self, jobs: &Receiver<Job>, successor: Option<&Successor>) {
+        while let Ok(job) = jobs.try_recv() {
+            if let Job::Event { .. } = job {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            match (successor, job) {
+                (Some(next), job) => next.forward(job),
+                (None, Job::Event { conn, kind, .. }) => {
+                    conn.send(ClientError::unknown_type(&kind).to_frame());
+                }
+                (None, _) => {}
+            }
         }
     }
 
@@ -285,6 +317,25 @@ impl Worker {
         }
     }
 
+    /// After a memory failure: collect what the failed call left unreferenced; if the VM
+    /// still holds most of its limit (a script hoarding in globals), every later call would
+    /// fail too, so the script is started afresh and its in-memory state is lost.
+    fn recover_memory(&mut self) {
+        let _ = self.vm.lua.gc_collect();
+        let limit = self.host.settings.memory_limit_mb << 20;
+        if self.vm.lua.used_memory() < limit / 4 * 3 {
+            return;
+        }
+        let (file, source) = &self.script;
+        match load(&self.host, &self.name, file, source) {
+            Ok(vm) => {
+                self.vm = vm;
+                tracing::warn!(plugin = %self.name, "plugin restarted with fresh state: it held its whole memory limit");
+            }
+            Err(e) => tracing::error!(plugin = %self.name, "plugin could not be restarted: {e}"),
+        }
+    }
+
     fn report(&mut self, what: &str, failure: Failure) {
         let metrics = &self.host.metrics;
         match failure {
@@ -292,8 +343,7 @@ impl Worker {
             _ => metrics.plugin_errors.fetch_add(1, Ordering::Relaxed),
         };
         if let Failure::Memory = failure {
-            // Give back whatever the failed call left unreferenced before the next one.
-            let _ = self.vm.lua.gc_collect();
+            self.recover_memory();
         }
         let now = Instant::now();
         if self.last_log.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {

@@ -1,0 +1,2 @@
+//! rtgate-bench: the load tool (being written).
+fn main() {}
