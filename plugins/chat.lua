@@ -4,6 +4,11 @@
 --     -> every member of R, the sender included:
 --        {"type":"chat_message","clientId":id,"message":M,"timestamp":<ms>,"room":R}
 --   without "room": every other connected client gets it (the sender excluded).
+--
+-- Room messages are persisted (they carry "seq" and are replayable) unless
+-- [plugins.settings.chat] persist = false.
+
+local persist = rtgate.config.persist ~= false
 
 rtgate.on("chat", function(client, event)
   local message = event.message
@@ -25,8 +30,8 @@ rtgate.on("chat", function(client, event)
   if type(event.room) ~= "string" then
     return "invalid_room", "\"room\" must be a string"
   end
-  local delivered, code, why = rtgate.publish(event.room, out)
-  if not delivered then
+  local ok, code, why = rtgate.publish(event.room, out, { persist = persist })
+  if not ok then
     return code, why
   end
 end)

@@ -6,7 +6,10 @@
 --         "timestamp":"<ISO 8601>","room":R}
 --   without "room": every connected client, the sender included (the seed's io.emit).
 --
--- The username is the sender's identity, never a field the client sends.
+-- The username is the sender's identity, never a field the client sends. Room messages
+-- are persisted unless [plugins.settings.chat_message] persist = false.
+
+local persist = rtgate.config.persist ~= false
 
 rtgate.on("chat_message", function(client, event)
   local message = event.message
@@ -31,8 +34,8 @@ rtgate.on("chat_message", function(client, event)
     rtgate.broadcast(out)
     return
   end
-  local delivered, code, why = rtgate.publish(room, out)
-  if not delivered then
+  local ok, code, why = rtgate.publish(room, out, { persist = persist })
+  if not ok then
     return code, why
   end
 end)

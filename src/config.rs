@@ -33,6 +33,7 @@ pub struct Settings {
     pub plugins: PluginSettings,
     pub heartbeat: HeartbeatSettings,
     pub limits: LimitSettings,
+    pub history: HistorySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +76,50 @@ pub struct HeartbeatSettings {
     pub interval: Duration,
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub durability: Durability,
+    pub synchronous: Synchronous,
+    pub batch_max: usize,
+    #[serde(deserialize_with = "duration")]
+    pub batch_delay: Duration,
+    pub queue: usize,
+    pub recent: usize,
+    pub max_catchup: u32,
+    pub page_limit: u32,
+    pub page_limit_max: u32,
+    pub max_per_room: u64,
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retention_interval: Duration,
+    pub max_db_bytes: u64,
+    #[serde(deserialize_with = "duration")]
+    pub retry_interval: Duration,
+}
+
+/// When a persisted message is delivered relative to its commit (see docs/history.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Delivered once its batch is committed: nothing delivered is lost to a crash.
+    PerMessage,
+    /// Delivered at once, committed within `batch_delay` plus a commit: a crash can lose
+    /// what was delivered in that window.
+    Batched,
+}
+
+/// SQLite's `synchronous`: `normal` survives a process crash, `full` also a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    Normal,
+    Full,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +176,21 @@ impl Settings {
         )?;
         check(self.limits.outbox_messages >= 16, "limits.outbox_messages", "must be at least 16")?;
         check(self.plugins.queue >= 1, "plugins.queue", "must be at least 1")?;
+        let h = &self.history;
+        check(!h.path.as_os_str().is_empty(), "history.path", "must not be empty")?;
+        check((1..=100_000).contains(&h.batch_max), "history.batch_max", "must be between 1 and 100000")?;
+        check(h.queue >= h.batch_max, "history.queue", "must be at least history.batch_max")?;
+        check(h.recent >= 1, "history.recent", "must be at least 1")?;
+        check(h.page_limit >= 1, "history.page_limit", "must be at least 1")?;
+        check(h.page_limit_max >= h.page_limit, "history.page_limit_max", "must be at least history.page_limit")?;
+        check(h.max_catchup >= 1, "history.max_catchup", "must be at least 1")?;
+        check(!h.retention_interval.is_zero(), "history.retention_interval", "must be greater than zero")?;
+        check(!h.retry_interval.is_zero(), "history.retry_interval", "must be greater than zero")?;
+        check(
+            h.max_db_bytes == 0 || h.max_db_bytes >= 1 << 20,
+            "history.max_db_bytes",
+            "must be 0 (no limit) or at least 1048576",
+        )?;
         check(!self.plugins.time_budget.is_zero(), "plugins.time_budget", "must be greater than zero")?;
         check(
             (1..=4096).contains(&self.plugins.memory_limit_mb),

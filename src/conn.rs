@@ -65,6 +65,8 @@ pub enum Push {
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Frame>,
+    /// While a catch-up is read from the database, live frames wait here, to follow it.
+    held: Option<VecDeque<Frame>>,
     closed: Option<CloseReason>,
 }
 
@@ -82,6 +84,10 @@ impl Outbox {
         Outbox { queue: Mutex::new(Queue::default()), ready: Notify::new(), closing: Notify::new(), capacity }
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Queues a frame unless the queue holds `capacity` already.
     pub fn push(&self, frame: Frame) -> Push {
         self.push_within(frame, self.capacity)
@@ -94,12 +100,18 @@ impl Outbox {
         if q.closed.is_some() {
             return Push::Closed;
         }
-        if q.frames.len() >= limit {
+        let held = q.held.as_ref().map_or(0, VecDeque::len);
+        if q.frames.len() + held >= limit {
             q.closed = Some(CloseReason::SlowConsumer);
             q.frames.clear();
+            q.held = None;
             drop(q);
             self.wake_closed();
             return Push::Overflowed;
+        }
+        if let Some(held) = &mut q.held {
+            held.push_back(frame);
+            return Push::Queued;
         }
         q.frames.push_back(frame);
         let first = q.frames.len() == 1;
@@ -112,6 +124,30 @@ impl Outbox {
         Push::Queued
     }
 
+    /// Starts holding back new frames (they still count against the capacity).
+    pub fn hold(&self) {
+        let mut q = self.queue.lock();
+        if q.closed.is_none() && q.held.is_none() {
+            q.held = Some(VecDeque::new());
+        }
+    }
+
+    /// Queues `first`, then everything held back since `hold`, and stops holding.
+    pub fn release(&self, first: impl IntoIterator<Item = Frame>) {
+        let mut q = self.queue.lock();
+        let held = q.held.take().unwrap_or_default();
+        if q.closed.is_some() {
+            return;
+        }
+        q.frames.extend(first);
+        q.frames.extend(held);
+        let any = !q.frames.is_empty();
+        drop(q);
+        if any {
+            self.ready.notify_one();
+        }
+    }
+
     /// Marks the connection for closing; the session sends the close frame and ends.
     /// The first reason wins.
     pub fn close(&self, reason: CloseReason) {
@@ -119,6 +155,7 @@ impl Outbox {
         if q.closed.is_none() {
             q.closed = Some(reason);
             q.frames.clear();
+            q.held = None;
         }
         drop(q);
         self.wake_closed();
@@ -271,6 +308,20 @@ mod tests {
         assert_eq!(outbox.push(Frame::text("d")), Push::Closed);
         let mut batch = VecDeque::new();
         assert_eq!(outbox.drain(&mut batch), Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn held_frames_follow_the_released_ones() {
+        let outbox = Outbox::new(16);
+        outbox.push(Frame::text("joined"));
+        outbox.hold();
+        outbox.push(Frame::text("live"));
+        outbox.release([Frame::text("old1"), Frame::text("old2")]);
+        outbox.push(Frame::text("later"));
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.drain(&mut batch), None);
+        let texts: Vec<_> = batch.iter().map(|f| f.to_text().unwrap()).collect();
+        assert_eq!(texts, ["joined", "old1", "old2", "live", "later"]);
     }
 
     #[test]

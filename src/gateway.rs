@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Settings;
 use crate::conn::CloseReason;
+use crate::history::History;
 use crate::hub::{Broker, Hub, LocalBroker};
 use crate::metrics::Metrics;
 use crate::plugins::{Host, PluginError, PluginHost};
@@ -25,6 +26,7 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     pub plugins: PluginHost,
     pub metrics: Arc<Metrics>,
+    pub history: Arc<History>,
     /// Time base for per-connection heartbeat bookkeeping.
     pub epoch: Instant,
     sessions: Sessions,
@@ -88,13 +90,22 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
 
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(metrics.clone()));
+    let history = History::open(settings.history.clone(), metrics.clone()).await;
+    let hub = Arc::new(Hub::new(metrics.clone(), history.clone()));
+    let mut background = history.start_tasks(hub.clone());
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
     let host =
         Arc::new(Host { hub: hub.clone(), broker, metrics: metrics.clone(), settings: settings.plugins.clone() });
     let plugins = PluginHost::start(host).await?;
-    let gateway =
-        Arc::new(Gateway { settings, hub, plugins, metrics, epoch: Instant::now(), sessions: Sessions::default() });
+    let gateway = Arc::new(Gateway {
+        settings,
+        hub,
+        plugins,
+        metrics,
+        history,
+        epoch: Instant::now(),
+        sessions: Sessions::default(),
+    });
 
     let heartbeat = {
         let gw = gateway.clone();
@@ -120,6 +131,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         })
     };
 
+    background.extend([heartbeat, watcher]);
+
     let (stop, stopped) = oneshot::channel::<()>();
     let routes = crate::http::routes(gateway.clone());
     let server = tokio::spawn(
@@ -131,7 +144,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             .run(),
     );
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
-    Ok(Running { addr, gateway, stop: Some(stop), server, background: vec![heartbeat, watcher] })
+    Ok(Running { addr, gateway, stop: Some(stop), server, background })
 }
 
 impl Running {
@@ -151,7 +164,9 @@ impl Running {
         for task in &self.background {
             task.abort();
         }
+        // Plugins may still publish while they hand over state; history flushes last.
         gw.plugins.shutdown().await;
+        gw.history.flush().await;
         tracing::info!("rtgate stopped");
     }
 }

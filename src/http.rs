@@ -22,6 +22,8 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::conn::{Conn, Identity, new_client_id};
 use crate::gateway::Gateway;
+use crate::history::{HistoryError, Page};
+use crate::protocol::RoomName;
 
 /// `Content-Security-Policy` for everything we serve: scripts, styles and connections
 /// from this origin only, no inline script, never framed.
@@ -46,10 +48,15 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
         .and(gw_filter.clone())
         .and_then(upgrade);
     let healthz = warp::get().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
+    let history = warp::get()
+        .and(warp::path!("rooms" / String / "history"))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(gw_filter.clone())
+        .then(history);
     let index = warp::get().and(warp::path::end()).map(|| {
         warp::reply::html("<!doctype html><title>rtgate</title><p>rtgate is running. Connect a WebSocket to /ws.</p>")
     });
-    upgrade.or(healthz).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
+    upgrade.or(healthz).or(history).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
 }
 
 fn security_headers() -> HeaderMap {
@@ -183,6 +190,12 @@ fn healthz(gw: Arc<Gateway>) -> Response {
         events: Vec<String>,
     }
     #[derive(Serialize)]
+    struct History {
+        status: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    }
+    #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Health {
         status: &'static str,
@@ -190,15 +203,86 @@ fn healthz(gw: Arc<Gateway>) -> Response {
         rooms: usize,
         uptime_seconds: u64,
         plugins: Vec<Plugin>,
+        history: History,
     }
     let plugins =
         gw.plugins.summary().into_iter().map(|(name, events)| Plugin { name: name.to_string(), events }).collect();
+    let history = gw.history.health().borrow().clone();
     warp::reply::json(&Health {
-        status: "ok",
+        // Live traffic is served either way; "degraded" says persistence is not.
+        status: if matches!(history, crate::history::Health::Ok | crate::history::Health::Disabled) {
+            "ok"
+        } else {
+            "degraded"
+        },
+        history: History { status: history.label(), error: history.error().map(str::to_string) },
         connections: gw.hub.connection_count(),
         rooms: gw.hub.room_count(),
         uptime_seconds: gw.epoch.elapsed().as_secs(),
         plugins,
     })
     .into_response()
+}
+
+/// `GET /rooms/{room}/history?after=SEQ|before=SEQ&limit=N`: a page of persisted messages,
+/// ascending, as `{"room":R,"messages":[…],"next":SEQ|null,"prev":SEQ|null}`.
+async fn history(room: String, query: String, gw: Arc<Gateway>) -> Response {
+    let bad = |message: &str| error_reply(StatusCode::BAD_REQUEST, "bad_request", message);
+    let Ok(room) = RoomName::parse(&room) else {
+        return bad("invalid room name");
+    };
+    let settings = gw.history.settings();
+    let (mut after, mut before, mut limit) = (None, None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match key {
+            "after" => &mut after,
+            "before" => &mut before,
+            "limit" => &mut limit,
+            _ => return bad("unknown parameter: use after, before and limit"),
+        };
+        match value.parse::<u64>() {
+            Ok(v) if slot.is_none() => *slot = Some(v),
+            Ok(_) => return bad("a parameter is repeated"),
+            Err(_) => return bad("after, before and limit must be non-negative integers"),
+        }
+    }
+    let page = match (after, before) {
+        (Some(_), Some(_)) => return bad("give after or before, not both"),
+        (Some(a), None) => Page::After(a),
+        (None, Some(b)) => Page::Before(b),
+        (None, None) => Page::Latest,
+    };
+    let limit = match limit {
+        None => settings.page_limit,
+        Some(0) => return bad("limit must be at least 1"),
+        Some(n) => n.min(u64::from(settings.page_limit_max)) as u32,
+    };
+    match gw.history.page(&room, page, limit).await {
+        Ok(page) => {
+            // The stored bodies are already JSON: splice them in rather than re-encode.
+            let size: usize = page.messages.iter().map(|(_, b)| b.len() + 1).sum();
+            let mut body = String::with_capacity(size + 96);
+            body.push_str("{\"room\":");
+            body.push_str(&serde_json::to_string(room.as_str()).unwrap_or_default());
+            body.push_str(",\"messages\":[");
+            for (i, (_, message)) in page.messages.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(message);
+            }
+            let num = |n: Option<u64>| n.map_or("null".to_string(), |n| n.to_string());
+            body.push_str(&format!("],\"next\":{},\"prev\":{}}}", num(page.next), num(page.prev)));
+            warp::http::Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .map(Reply::into_response)
+                .unwrap_or_else(|_| error_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
+        }
+        Err(HistoryError::Disabled) => error_reply(StatusCode::NOT_FOUND, "history_disabled", "history is disabled"),
+        Err(e @ HistoryError::Unavailable(_)) => {
+            error_reply(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", &e.to_string())
+        }
+    }
 }

@@ -15,8 +15,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::config::Durability;
 use crate::conn::{CloseReason, Conn, Push};
 use crate::error::ClientError;
+use crate::history::{self, History, Pending};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Frame, RoomName};
 
@@ -36,13 +38,14 @@ pub struct Hub {
     conns: DashMap<Arc<str>, Arc<Conn>>,
     rooms: DashMap<RoomName, Arc<Room>>,
     metrics: Arc<Metrics>,
+    history: Arc<History>,
     /// Set by shutdown: a connection registering after `close_all` is closed at once.
     closing: AtomicBool,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Hub {
-        Hub { conns: DashMap::new(), rooms: DashMap::new(), metrics, closing: AtomicBool::new(false) }
+    pub fn new(metrics: Arc<Metrics>, history: Arc<History>) -> Hub {
+        Hub { conns: DashMap::new(), rooms: DashMap::new(), metrics, history, closing: AtomicBool::new(false) }
     }
 
     pub fn register(&self, conn: Arc<Conn>) {
@@ -79,9 +82,50 @@ impl Hub {
         self.rooms.len()
     }
 
-    /// Adds `conn` to `room`: the joiner gets `room_joined` with the member list, everyone
-    /// else `user_joined`. Joining a room one is already in repeats `room_joined` only.
-    pub fn join(&self, conn: &Arc<Conn>, room: &RoomName) -> Result<(), ClientError> {
+    /// Adds `conn` to `room`: the joiner gets `room_joined` with the member list (and the
+    /// room's current `seq` when it has history), everyone else `user_joined`. With `since`,
+    /// the joiner then gets every persisted message after `since` it missed, before any
+    /// live one. Joining a room one is already in repeats `room_joined` only.
+    pub async fn join(&self, conn: &Arc<Conn>, room: &RoomName, since: Option<u64>) -> Result<(), ClientError> {
+        let Some(since) = since else {
+            match self.history.existing(room) {
+                Some(stream) => {
+                    let st = stream.lock();
+                    self.join_locked(conn, room, Some(st.delivered()), None, false);
+                }
+                None => self.join_locked(conn, room, None, None, false),
+            }
+            return Ok(());
+        };
+        let Some(stream) = self.history.stream(room) else {
+            // No history to catch up from: join, and say so.
+            self.join_locked(conn, room, None, Some((since, None)), false);
+            return Ok(());
+        };
+        let plan = {
+            let st = stream.lock();
+            let plan = st.plan_catch_up(since);
+            // From here until the release below, live frames for this connection wait in
+            // its outbox behind the catch-up: nothing can fall between the two.
+            self.join_locked(conn, room, Some(plan.seq), None, true);
+            plan
+        };
+        let (frames, gap) = self.history.finish_catch_up(room, since, plan).await;
+        let gap = gap.map(|(after, before)| protocol::history_gap(room, after, before));
+        conn.outbox.release(gap.into_iter().chain(frames));
+        Ok(())
+    }
+
+    /// The join itself, under the room's lock (and, when catching up, the stream's), so that
+    /// nothing published can fall between the catch-up and live delivery.
+    fn join_locked(
+        &self,
+        conn: &Arc<Conn>,
+        room: &RoomName,
+        seq: Option<u64>,
+        gap: Option<(u64, Option<u64>)>,
+        hold: bool,
+    ) {
         loop {
             let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
                 self.metrics.rooms_created();
@@ -93,16 +137,55 @@ impl Hub {
             if state.dead {
                 continue;
             }
+            let ids: Vec<&str> =
+                state.members.iter().map(|m| &*m.id).chain((!conn.in_room(room)).then_some(&*conn.id)).collect();
+            conn.send(protocol::room_joined(room, &ids, seq));
+            if let Some((after, before)) = gap {
+                conn.send(protocol::history_gap(room, after, before));
+            }
+            if hold {
+                conn.outbox.hold();
+            }
             if conn.add_room(room) {
                 let notice =
                     protocol::presence(true, &conn.id, &conn.identity.user_id, &conn.identity.username(), room);
                 deliver_locked(&state.members, &notice, None, &self.metrics);
                 state.members.push(conn.clone());
             }
-            let ids: Vec<&str> = state.members.iter().map(|m| &*m.id).collect();
-            conn.send(protocol::room_joined(room, &ids));
-            return Ok(());
+            return;
         }
+    }
+
+    /// Publishes a serialized message to `room`. With `persist` (and history available), it
+    /// gets the room's next sequence number and is stored; returns that number.
+    pub fn publish(&self, room: &RoomName, body: String, exclude: Option<&str>, persist: bool) -> Option<u64> {
+        let stream = if persist { self.history.stream(room) } else { None };
+        let Some(stream) = stream else {
+            self.deliver(room, &Frame::text(body), exclude);
+            return None;
+        };
+        let keep = self.history.keep();
+        let mut st = stream.lock();
+        let seq = st.next_seq();
+        let frame = Frame::text(history::with_seq(&body, seq));
+        let per_message = self.history.durability() == Durability::PerMessage;
+        let pending = Pending {
+            room: room.clone(),
+            stream: stream.clone(),
+            seq,
+            created_ms: history::now_ms(),
+            frame: frame.clone(),
+            deliver: per_message.then(|| exclude.map(Arc::from)),
+        };
+        // Queue before delivering: the writer sees a room's messages in seq order.
+        let queued = self.history.enqueue(pending).is_ok();
+        if !per_message || !queued {
+            // Batched, or the writer is overwhelmed: deliver now; live chat never waits
+            // for the disk.
+            self.deliver(room, &frame, exclude);
+            st.mark_delivered(seq, &frame, keep);
+        }
+        Some(seq)
     }
 
     /// Removes `conn` from `room`; the remaining members get `user_left`.
@@ -219,8 +302,9 @@ fn deliver_locked(members: &[Arc<Conn>], frame: &Frame, exclude: Option<&str>, m
 /// that a broker spanning several gateway nodes (Redis pub/sub, say) can replace
 /// [`LocalBroker`] without touching plugins or sessions.
 pub trait Broker: Send + Sync + 'static {
-    /// Delivers `frame` to every member of `room`, except the connection `exclude`.
-    fn publish(&self, room: &RoomName, frame: &Frame, exclude: Option<&str>) -> usize;
+    /// Delivers a serialized message to every member of `room` except `exclude`; with
+    /// `persist`, numbers and stores it first and returns its sequence number.
+    fn publish(&self, room: &RoomName, body: String, exclude: Option<&str>, persist: bool) -> Option<u64>;
     /// Delivers `frame` to every connected client, except `exclude`.
     fn broadcast(&self, frame: &Frame, exclude: Option<&str>) -> usize;
 }
@@ -229,8 +313,8 @@ pub trait Broker: Send + Sync + 'static {
 pub struct LocalBroker(pub Arc<Hub>);
 
 impl Broker for LocalBroker {
-    fn publish(&self, room: &RoomName, frame: &Frame, exclude: Option<&str>) -> usize {
-        self.0.deliver(room, frame, exclude)
+    fn publish(&self, room: &RoomName, body: String, exclude: Option<&str>, persist: bool) -> Option<u64> {
+        self.0.publish(room, body, exclude, persist)
     }
 
     fn broadcast(&self, frame: &Frame, exclude: Option<&str>) -> usize {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod gateway;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -18,6 +18,12 @@ pub struct Metrics {
     pub plugin_errors: AtomicU64,
     pub plugin_timeouts: AtomicU64,
     pub plugin_busy: AtomicU64,
+    pub history_batches: AtomicU64,
+    pub history_rows: AtomicU64,
+    pub history_commit_micros: AtomicU64,
+    pub history_write_errors: AtomicU64,
+    /// Messages delivered but not stored because the writer's queue was full.
+    pub history_dropped: AtomicU64,
 }
 
 impl Metrics {

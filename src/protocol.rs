@@ -35,6 +35,10 @@ impl RoomName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn as_arc(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl fmt::Display for RoomName {
@@ -58,8 +62,10 @@ impl Serialize for RoomName {
 /// Everything a client can send, decided here and nowhere else.
 #[derive(Debug)]
 pub enum ClientEvent {
+    /// `since`: the last sequence number the client saw in this room (catch-up).
     JoinRoom {
         room: RoomName,
+        since: Option<u64>,
     },
     LeaveRoom {
         room: RoomName,
@@ -82,10 +88,20 @@ impl ClientEvent {
             _ => return Err(ClientError::MissingType),
         };
         match kind {
-            "join_room" => Ok(ClientEvent::JoinRoom { room: room_field(&body)? }),
+            "join_room" => Ok(ClientEvent::JoinRoom { room: room_field(&body)?, since: since_field(&body)? }),
             "leave_room" => Ok(ClientEvent::LeaveRoom { room: room_field(&body)? }),
             _ => Ok(ClientEvent::Plugin { kind: kind.to_string(), body }),
         }
+    }
+}
+
+fn since_field(body: &Map<String, Value>) -> Result<Option<u64>, ClientError> {
+    match body.get("since") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or(ClientError::InvalidField { field: "since", problem: "must be a non-negative integer" }),
     }
 }
 
@@ -126,14 +142,30 @@ pub fn welcome(client_id: &str, user_id: &str, username: &str) -> Frame {
     frame(&Welcome { r#type: "welcome", client_id, message: "Connected to WebSocket server", user_id, username })
 }
 
-pub fn room_joined(room: &RoomName, members: &[&str]) -> Frame {
+/// `seq`: the room's last delivered sequence number, when it has history.
+pub fn room_joined(room: &RoomName, members: &[&str], seq: Option<u64>) -> Frame {
     #[derive(Serialize)]
     struct RoomJoined<'a> {
         r#type: &'static str,
         room: &'a RoomName,
         members: &'a [&'a str],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     }
-    frame(&RoomJoined { r#type: "room_joined", room, members })
+    frame(&RoomJoined { r#type: "room_joined", room, members, seq })
+}
+
+/// Tells a joiner that messages after `after` (and before `before`, when known) cannot be
+/// replayed on this connection: expired, too many, or history unavailable.
+pub fn history_gap(room: &RoomName, after: u64, before: Option<u64>) -> Frame {
+    #[derive(Serialize)]
+    struct Gap<'a> {
+        r#type: &'static str,
+        room: &'a RoomName,
+        after: u64,
+        before: Option<u64>,
+    }
+    frame(&Gap { r#type: "history_gap", room, after, before })
 }
 
 /// `user_joined` / `user_left`, with the seed's human-readable `message`.

@@ -129,7 +129,7 @@ where
                 Some(Ok(message)) => {
                     conn.touch();
                     match message {
-                        Message::Text(text) => handle_text(gw, conn, text.as_str()),
+                        Message::Text(text) => handle_text(gw, conn, text.as_str()).await,
                         Message::Binary(_) => {
                             conn.send(ClientError::BinaryFrame.to_frame());
                         }
@@ -156,10 +156,10 @@ where
 }
 
 /// Parses and dispatches one text frame: the single place a client event is routed.
-fn handle_text(gw: &Gateway, conn: &Arc<Conn>, text: &str) {
+async fn handle_text(gw: &Gateway, conn: &Arc<Conn>, text: &str) {
     gw.metrics.events_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let result = match ClientEvent::parse(text) {
-        Ok(ClientEvent::JoinRoom { room }) => gw.hub.join(conn, &room).map(|()| {
+        Ok(ClientEvent::JoinRoom { room, since }) => gw.hub.join(conn, &room, since).await.map(|()| {
             gw.plugins.hook(HookMask::JOIN, conn, Some(&room));
         }),
         Ok(ClientEvent::LeaveRoom { room }) => gw.hub.leave(conn, &room).map(|()| {

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use common::*;
 use serde_json::json;
 
-fn rtgate() -> Command {
+/// The binary, run from the repository (for `plugins/`), with its history in `data`.
+fn rtgate_in(data: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtgate"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("RUST_LOG");
     for (k, _) in std::env::vars() {
@@ -17,7 +18,13 @@ fn rtgate() -> Command {
             cmd.env_remove(k);
         }
     }
+    cmd.env("RTGATE__HISTORY__PATH", data.join("history.db"));
     cmd
+}
+
+fn rtgate() -> Command {
+    // Runs that never reach the database: it is never created.
+    rtgate_in(std::path::Path::new("/nonexistent-rtgate-test"))
 }
 
 #[test]
@@ -48,7 +55,8 @@ fn an_invalid_value_stops_start_up_naming_the_key() {
 async fn starts_logs_its_address_and_plugins_serves_and_stops_on_sigterm() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), "[server]\nbind = \"127.0.0.1:0\"\n").unwrap();
-    let mut child = rtgate()
+    let data = tempfile::tempdir().unwrap();
+    let mut child = rtgate_in(data.path())
         .arg("--config")
         .arg(file.path())
         .env("RTGATE__HEARTBEAT__INTERVAL", "5s")

@@ -194,19 +194,30 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     let h = host.clone();
     rt.raw_set(
         "publish",
-        lua.create_function(move |_, (room, msg, opts): (String, Value, Option<Table>)| {
+        lua.create_function(move |lua, (room, msg, opts): (String, Value, Option<Table>)| {
             // A bad room name is the client's mistake, not the script's: return it as
             // `nil, code, message` for the handler to pass on, instead of raising.
             let room = match RoomName::parse(&room) {
                 Ok(room) => room,
-                Err(e) => return Ok((None, Some(e.code().to_string()), Some(e.to_string()))),
+                Err(e) => {
+                    let code = Value::String(lua.create_string(e.code())?);
+                    return Ok((Value::Nil, code, Value::String(lua.create_string(e.to_string())?)));
+                }
             };
-            let exclude: Option<String> = match &opts {
-                Some(o) => o.raw_get("exclude")?,
-                None => None,
+            let (exclude, persist): (Option<String>, bool) = match &opts {
+                Some(o) => (o.raw_get("exclude")?, o.raw_get::<Option<bool>>("persist")?.unwrap_or(false)),
+                None => (None, false),
             };
-            let frame = encode(&msg)?;
-            Ok((Some(h.broker.publish(&room, &frame, exclude.as_deref())), None, None))
+            if persist
+                && let Value::Table(t) = &msg
+                && !t.raw_get::<Value>("seq")?.is_nil()
+            {
+                return Err(mlua::Error::runtime("a persisted message's \"seq\" is assigned by the gateway"));
+            }
+            let body = encode_text(&msg)?;
+            let seq = h.broker.publish(&room, body, exclude.as_deref(), persist);
+            let seq = seq.map_or(Value::Nil, |s| Value::Integer(s as i64));
+            Ok((Value::Boolean(true), seq, Value::Nil))
         })?,
     )?;
 
@@ -337,14 +348,17 @@ pub fn client_table(lua: &Lua, conn: &Conn) -> mlua::Result<Table> {
 
 /// Serializes a message table once, into the frame every recipient will share.
 fn encode(msg: &Value) -> mlua::Result<Frame> {
+    encode_text(msg).map(Frame::text)
+}
+
+fn encode_text(msg: &Value) -> mlua::Result<String> {
     let Value::Table(t) = msg else {
         return Err(mlua::Error::runtime("a message must be a table"));
     };
     if !matches!(t.raw_get::<Value>("type")?, Value::String(_)) {
         return Err(mlua::Error::runtime("a message needs a string field \"type\""));
     }
-    let text = serde_json::to_string(msg).map_err(|e| mlua::Error::runtime(format!("cannot encode message: {e}")))?;
-    Ok(Frame::text(text))
+    serde_json::to_string(msg).map_err(|e| mlua::Error::runtime(format!("cannot encode message: {e}")))
 }
 
 /// UTC time as `2026-11-27T10:58:15.123Z`, the format of JavaScript's `toISOString()`.

@@ -244,7 +244,7 @@ impl PluginHost {
 /// each that fails (`rtgate --check`). Nothing is served.
 pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(metrics.clone()));
+    let hub = Arc::new(Hub::new(metrics.clone(), crate::history::History::disabled(metrics.clone())));
     let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
     let host = Arc::new(Host { hub, broker, metrics, settings: settings.clone() });
     let scripts = match read_scripts(&settings.dir) {

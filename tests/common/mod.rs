@@ -42,14 +42,27 @@ pub fn settings() -> Settings {
 pub struct Gw {
     pub running: Option<Running>,
     pub addr: SocketAddr,
+    /// Holds the history database unless the test chose its own path.
+    pub data: Option<tempfile::TempDir>,
 }
 
 impl Gw {
-    pub async fn start(settings: Settings) -> Gw {
+    /// Starts the gateway; a history path left at its default goes to a fresh temp dir.
+    pub async fn start(mut settings: Settings) -> Gw {
         init_logs();
+        let mut data = None;
+        if settings.history.path == Settings::defaults().history.path {
+            let dir = tempfile::tempdir().expect("tempdir");
+            settings.history.path = dir.path().join("history.db");
+            data = Some(dir);
+        }
         let running = rtgate::start(settings).await.expect("gateway starts");
         let addr = running.addr;
-        Gw { running: Some(running), addr }
+        Gw { running: Some(running), addr, data }
+    }
+
+    pub fn gateway(&self) -> &std::sync::Arc<rtgate::gateway::Gateway> {
+        &self.running.as_ref().expect("running").gateway
     }
 
     pub async fn default() -> Gw {

@@ -1,0 +1,293 @@
+//! The SQLite store behind room history: opening and migrating the database, the
+//! group-commit batch insert, the reads behind HTTP paging and reconnect catch-up, and
+//! retention.
+//!
+//! All SQL lives here. The schema is in `migrations/`, applied at start-up; every query is a
+//! runtime query, so building needs no database. A message's `body` is the exact JSON text
+//! live subscribers received (sequence number included), so replay returns the same
+//! objects without re-encoding them.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
+
+use crate::config::{HistorySettings, Synchronous};
+
+/// Rows per multi-row INSERT: SQLite allows 32,766 bound parameters; 4 per row.
+const ROWS_PER_INSERT: usize = 128;
+const PAGE_BYTES: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the database directory {dir}: {source}")]
+    Dir { dir: String, source: std::io::Error },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// One message to persist.
+pub struct Record {
+    pub room: Arc<str>,
+    pub seq: u64,
+    pub created_ms: i64,
+    pub body: bytes::Bytes,
+}
+
+pub struct Store {
+    pool: SqlitePool,
+    /// `INSERT … VALUES (?,?,?,?),…` for 1..=ROWS_PER_INSERT rows, built once: sqlx caches a
+    /// prepared statement per SQL text, so a fixed set of texts keeps the cache small.
+    inserts: Vec<Arc<str>>,
+}
+
+pub enum Page {
+    After(u64),
+    Before(u64),
+    Latest,
+}
+
+impl Store {
+    pub async fn open(settings: &HistorySettings) -> Result<Store, StoreError> {
+        if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| StoreError::Dir { dir: dir.display().to_string(), source })?;
+        }
+        let mut options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&settings.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match settings.synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(5))
+            // Checkpoints run in the maintenance task, so that commits (which a delivery
+            // may be waiting for) never pay for one.
+            .pragma("wal_autocheckpoint", "0");
+        if settings.max_db_bytes > 0 {
+            let pages = (settings.max_db_bytes / PAGE_BYTES).max(16);
+            options = options.pragma("max_page_count", pages.to_string());
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        let inserts = (1..=ROWS_PER_INSERT)
+            .map(|n| {
+                let values = vec!["(?,?,?,?)"; n].join(",");
+                Arc::from(format!("INSERT INTO messages (room, seq, created_ms, body) VALUES {values}"))
+            })
+            .collect();
+        Ok(Store { pool, inserts })
+    }
+
+    /// Every room's last sequence number, to continue numbering after a restart.
+    pub async fn last_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT name, last_seq FROM rooms").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect())
+    }
+
+    /// A connection for the writer to keep.
+    pub async fn writer(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    /// Inserts a batch in one transaction, and moves each room's `last_seq` forward.
+    pub async fn insert(&self, conn: &mut PoolConnection<Sqlite>, rows: &[Record]) -> Result<(), StoreError> {
+        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut q = sqlx::query(AssertSqlSafe(self.inserts[chunk.len() - 1].clone()));
+            for row in chunk {
+                q = q
+                    .bind(&*row.room)
+                    .bind(row.seq as i64)
+                    .bind(row.created_ms)
+                    .bind(std::str::from_utf8(&row.body).unwrap_or_default());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // Rows are in sequence order per room, so each room's last row has its highest seq.
+        let mut seen: Vec<&str> = Vec::new();
+        for row in rows.iter().rev() {
+            if seen.contains(&&*row.room) {
+                continue;
+            }
+            seen.push(&row.room);
+            sqlx::query(
+                "INSERT INTO rooms (name, last_seq) VALUES (?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+            )
+            .bind(&*row.room)
+            .bind(row.seq as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Up to `limit` messages of a page in ascending order, and whether the store holds
+    /// messages beyond each end of it: `(messages, newer_exist, older_exist)`.
+    pub async fn page(
+        &self,
+        room: &str,
+        page: Page,
+        limit: u32,
+    ) -> Result<(Vec<(u64, String)>, bool, bool), StoreError> {
+        let fetch = i64::from(limit) + 1;
+        let mut rows: Vec<(u64, String)> = match page {
+            Page::After(after) => {
+                sqlx::query("SELECT seq, body FROM messages WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?")
+                    .bind(room)
+                    .bind(after as i64)
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Page::Before(before) => {
+                sqlx::query("SELECT seq, body FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
+                    .bind(room)
+                    .bind(before as i64)
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Page::Latest => {
+                sqlx::query("SELECT seq, body FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?")
+                    .bind(room)
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        }
+        .iter()
+        .map(|r| (r.get::<i64, _>(0) as u64, r.get::<String, _>(1)))
+        .collect();
+        let overflow = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        if !matches!(page, Page::After(_)) {
+            rows.reverse();
+        }
+        let (newer, older) = match (&page, rows.first(), rows.last()) {
+            (Page::After(_), Some(&(first, _)), _) => (overflow, self.exists_before(room, first).await?),
+            (Page::Before(_), _, Some(&(last, _))) => (self.exists_after(room, last).await?, overflow),
+            (Page::Latest, _, _) => (false, overflow),
+            // An empty page: nothing beyond it in the direction asked.
+            (Page::After(after), None, _) => (false, self.exists_before(room, after + 1).await?),
+            (Page::Before(before), _, None) => (self.exists_after(room, before.saturating_sub(1)).await?, false),
+        };
+        Ok((rows, newer, older))
+    }
+
+    async fn exists_before(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq < ?)")
+            .bind(room)
+            .bind(seq as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<i64, _>(0) != 0)
+    }
+
+    async fn exists_after(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq > ?)")
+            .bind(room)
+            .bind(seq as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get::<i64, _>(0) != 0)
+    }
+
+    /// The newest `max` messages with `after < seq <= upto`, ascending (reconnect catch-up).
+    pub async fn range(&self, room: &str, after: u64, upto: u64, max: u32) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut rows: Vec<(u64, String)> = sqlx::query(
+            "SELECT seq, body FROM messages WHERE room = ? AND seq > ? AND seq <= ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(room)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get::<i64, _>(0) as u64, r.get::<String, _>(1)))
+        .collect();
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Retention by count: deletes, in chunks, what is older than each room's newest
+    /// `keep` messages. Sequence numbers have no gaps, so "older than the newest `keep`"
+    /// is `seq <= last_seq - keep`. Returns the number of rows deleted.
+    pub async fn trim_rooms(&self, keep: u64, chunk: i64) -> Result<u64, StoreError> {
+        let rooms = sqlx::query(
+            "SELECT r.name, r.last_seq FROM rooms r \
+             WHERE r.last_seq > ? AND EXISTS (SELECT 1 FROM messages m WHERE m.room = r.name AND m.seq <= r.last_seq - ?)",
+        )
+        .bind(keep as i64)
+        .bind(keep as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut deleted = 0;
+        for r in rooms {
+            let (name, last): (String, i64) = (r.get(0), r.get(1));
+            let cutoff = last - keep as i64;
+            loop {
+                let n = sqlx::query(
+                    "DELETE FROM messages WHERE room = ? AND seq IN \
+                     (SELECT seq FROM messages WHERE room = ? AND seq <= ? ORDER BY seq LIMIT ?)",
+                )
+                .bind(&name)
+                .bind(&name)
+                .bind(cutoff)
+                .bind(chunk)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                deleted += n;
+                if n < chunk as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Retention by age: deletes, in chunks, messages created before `cutoff_ms`.
+    pub async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM messages WHERE (room, seq) IN \
+                 (SELECT room, seq FROM messages WHERE created_ms < ? LIMIT ?)",
+            )
+            .bind(cutoff_ms)
+            .bind(chunk)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted += n;
+            if n < chunk as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Moves committed pages from the WAL into the database without blocking writers.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
