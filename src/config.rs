@@ -34,6 +34,9 @@ pub struct Settings {
     pub heartbeat: HeartbeatSettings,
     pub limits: LimitSettings,
     pub history: HistorySettings,
+    pub auth: AuthSettings,
+    pub sanitize: SanitizeSettings,
+    pub rate_limits: RateLimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +130,61 @@ pub enum Synchronous {
 pub struct LimitSettings {
     pub max_frame_bytes: usize,
     pub outbox_messages: usize,
+    pub max_json_depth: usize,
+    pub max_message_chars: usize,
+    pub max_name_chars: usize,
+    pub max_rooms_per_connection: usize,
+    pub max_members_per_room: usize,
+    pub max_connections_per_ip: usize,
+    pub new_connections_per_ip_per_second: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Anonymous,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    pub algorithm: String,
+    pub secret: String,
+    pub public_key_file: PathBuf,
+    pub audience: Vec<String>,
+    pub issuer: Vec<String>,
+    pub leeway_seconds: u64,
+    pub name_claim: String,
+    pub rooms_claim: String,
+    pub admin_claim: String,
+    pub admin_value: String,
+    pub private_room_prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SanitizeSettings {
+    pub allowed_tags: Vec<String>,
+    pub url_schemes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub disconnect_after: u32,
+    pub buckets: std::collections::BTreeMap<String, Bucket>,
+    #[serde(default)]
+    pub events: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -197,6 +255,46 @@ impl Settings {
             "plugins.memory_limit_mb",
             "must be between 1 and 4096",
         )?;
+        let l = &self.limits;
+        check((2..=128).contains(&l.max_json_depth), "limits.max_json_depth", "must be between 2 and 128")?;
+        check(l.max_message_chars >= 1, "limits.max_message_chars", "must be at least 1")?;
+        check(l.max_name_chars >= 1, "limits.max_name_chars", "must be at least 1")?;
+        check(l.max_rooms_per_connection >= 1, "limits.max_rooms_per_connection", "must be at least 1")?;
+        check(l.max_members_per_room >= 1, "limits.max_members_per_room", "must be at least 1")?;
+        check(l.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
+        check(
+            l.new_connections_per_ip_per_second >= 1,
+            "limits.new_connections_per_ip_per_second",
+            "must be at least 1",
+        )?;
+        let r = &self.rate_limits;
+        check(r.buckets.contains_key("default"), "rate_limits.buckets", "must define a \"default\" bucket")?;
+        for b in r.buckets.values() {
+            check(b.per_minute >= 1 && b.burst >= 1, "rate_limits.buckets", "per_minute and burst must be at least 1")?;
+        }
+        for bucket in r.events.values() {
+            check(r.buckets.contains_key(bucket), "rate_limits.events", "names a bucket that is not defined")?;
+        }
+        check(r.disconnect_after >= 1, "rate_limits.disconnect_after", "must be at least 1")?;
+        let a = &self.auth;
+        if a.mode == AuthMode::Jwt {
+            let hmac = a.algorithm.starts_with("HS");
+            check(
+                [
+                    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                    "EdDSA",
+                ]
+                .contains(&a.algorithm.as_str()),
+                "auth.algorithm",
+                "must be one of HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384, EdDSA",
+            )?;
+            check(!hmac || a.secret.len() >= 32, "auth.secret", "must be at least 32 bytes for an HMAC algorithm")?;
+            check(
+                hmac || !a.public_key_file.as_os_str().is_empty(),
+                "auth.public_key_file",
+                "is required for this algorithm",
+            )?;
+        }
         for origin in &self.server.allowed_origins {
             check(
                 origin == "*" || origin.starts_with("http://") || origin.starts_with("https://"),

@@ -211,25 +211,62 @@ pub fn new_client_id() -> Arc<str> {
     Arc::from(id)
 }
 
+/// What a connection's identity says about it, replaced as a whole on `refresh`.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub username: Arc<str>,
+    /// May use `broadcast`.
+    pub admin: bool,
+    /// Room patterns from the token; `None`: any room that is not private.
+    pub rooms: Option<Arc<[String]>>,
+    /// Unix seconds after which the connection is closed (1008) unless refreshed.
+    pub expires_at: Option<u64>,
+}
+
+impl Profile {
+    pub fn guest(username: Arc<str>) -> Profile {
+        Profile { username, admin: false, rooms: None, expires_at: None }
+    }
+}
+
 /// Who is on the other end. In anonymous mode the user id is the connection id.
 pub struct Identity {
     pub user_id: Arc<str>,
-    username: RwLock<Arc<str>>,
+    profile: RwLock<Profile>,
 }
 
 impl Identity {
-    pub fn new(user_id: Arc<str>, username: Arc<str>) -> Identity {
-        Identity { user_id, username: RwLock::new(username) }
+    pub fn new(user_id: Arc<str>, profile: Profile) -> Identity {
+        Identity { user_id, profile: RwLock::new(profile) }
     }
 
     pub fn username(&self) -> Arc<str> {
-        self.username.read().clone()
+        self.profile.read().username.clone()
+    }
+
+    pub fn profile(&self) -> Profile {
+        self.profile.read().clone()
+    }
+
+    pub fn set_profile(&self, profile: Profile) {
+        *self.profile.write() = profile;
+    }
+
+    pub fn set_username(&self, username: Arc<str>) {
+        self.profile.write().username = username;
+    }
+
+    pub fn expired(&self, now_secs: u64) -> bool {
+        self.profile.read().expires_at.is_some_and(|exp| now_secs >= exp)
     }
 }
 
 pub struct Conn {
     pub id: Arc<str>,
     pub identity: Identity,
+    /// Whose event budget this connection spends: the user's (a token's subject) or, for
+    /// a guest, its own.
+    pub rate_key: Arc<str>,
     pub outbox: Outbox,
     /// Rooms this connection is in, so that a disconnect can leave them all.
     rooms: Mutex<Vec<RoomName>>,
@@ -239,10 +276,11 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(identity: Identity, id: Arc<str>, outbox_capacity: usize, epoch: Instant) -> Conn {
+    pub fn new(identity: Identity, id: Arc<str>, rate_key: Arc<str>, outbox_capacity: usize, epoch: Instant) -> Conn {
         let conn = Conn {
             id,
             identity,
+            rate_key,
             outbox: Outbox::new(outbox_capacity),
             rooms: Mutex::new(Vec::new()),
             last_seen: AtomicU64::new(0),
@@ -271,6 +309,10 @@ impl Conn {
 
     pub fn in_room(&self, room: &RoomName) -> bool {
         self.rooms.lock().contains(room)
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().len()
     }
 
     /// Records membership; false if it was already recorded.

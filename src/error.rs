@@ -29,6 +29,26 @@ pub enum ClientError {
     Busy,
     #[error("The plugin handling \"{0}\" failed")]
     PluginError(String),
+    #[error("You may not do that in room \"{0}\"")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotAllowed(&'static str),
+    #[error("Message too long")]
+    MessageTooLong,
+    #[error("Message is empty once cleaned")]
+    EmptyMessage,
+    #[error("Too many events; slow down")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("Message nested deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("You are in too many rooms (at most {0})")]
+    TooManyRooms(usize),
+    #[error("Room \"{0}\" is full")]
+    RoomFull(String),
+    #[error("Token refused: {0}")]
+    InvalidToken(String),
+    #[error("Invalid name: 1 to {0} characters, no control characters")]
+    InvalidName(usize),
     /// A plugin refused the event with its own code (e.g. `not_your_turn`).
     #[error("{message}")]
     Rejected { code: String, message: String },
@@ -47,13 +67,27 @@ impl ClientError {
             ClientError::NotInRoom(_) => "not_in_room",
             ClientError::Busy => "busy",
             ClientError::PluginError(_) => "plugin_error",
+            ClientError::Forbidden(_) | ClientError::NotAllowed(_) => "forbidden",
+            ClientError::MessageTooLong => "message_too_long",
+            ClientError::EmptyMessage => "empty_message",
+            ClientError::RateLimited { .. } => "rate_limited",
+            ClientError::TooDeep(_) => "too_deep",
+            ClientError::TooManyRooms(_) => "too_many_rooms",
+            ClientError::RoomFull(_) => "room_full",
+            ClientError::InvalidToken(_) => "invalid_token",
+            ClientError::InvalidName(_) => "invalid_name",
             ClientError::Rejected { code, .. } => code,
         }
     }
 
     /// `{"type":"error","code":..,"message":..}`, serialized once.
     pub fn to_frame(&self) -> Frame {
-        protocol::error_frame(self.code(), &self.to_string())
+        match self {
+            ClientError::RateLimited { retry_after_ms } => {
+                protocol::rate_limited_frame(self.code(), &self.to_string(), *retry_after_ms)
+            }
+            _ => protocol::error_frame(self.code(), &self.to_string()),
+        }
     }
 
     /// An unknown type is echoed back; cap it so a client cannot make us echo 64 KiB.

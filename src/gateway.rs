@@ -14,12 +14,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::Settings;
+use crate::auth::Auth;
+use crate::config::{ConfigError, Settings};
 use crate::conn::CloseReason;
 use crate::history::History;
 use crate::hub::{Broker, Hub, LocalBroker};
 use crate::metrics::Metrics;
 use crate::plugins::{Host, PluginError, PluginHost};
+use crate::ratelimit::{EventLimits, IpLimits};
+use crate::sanitize::Sanitizer;
 
 pub struct Gateway {
     pub settings: Settings,
@@ -27,6 +30,10 @@ pub struct Gateway {
     pub plugins: PluginHost,
     pub metrics: Arc<Metrics>,
     pub history: Arc<History>,
+    pub auth: Auth,
+    pub sanitizer: Arc<Sanitizer>,
+    pub limits: EventLimits,
+    pub ip_limits: Arc<IpLimits>,
     /// Time base for per-connection heartbeat bookkeeping.
     pub epoch: Instant,
     sessions: Sessions,
@@ -38,6 +45,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Counts live sessions so that shutdown can wait for them.
@@ -85,24 +94,35 @@ pub struct Running {
 }
 
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let auth = Auth::new(&settings.auth)?;
+    let sanitizer = Arc::new(Sanitizer::new(&settings.sanitize));
     let bind = settings.server.bind;
     let listener = TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
 
     let metrics = Arc::new(Metrics::default());
     let history = History::open(settings.history.clone(), metrics.clone()).await;
-    let hub = Arc::new(Hub::new(metrics.clone(), history.clone()));
+    let hub = Arc::new(Hub::new(metrics.clone(), history.clone(), settings.limits.max_members_per_room));
     let mut background = history.start_tasks(hub.clone());
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
-    let host =
-        Arc::new(Host { hub: hub.clone(), broker, metrics: metrics.clone(), settings: settings.plugins.clone() });
+    let host = Arc::new(Host {
+        hub: hub.clone(),
+        broker,
+        metrics: metrics.clone(),
+        sanitizer: sanitizer.clone(),
+        settings: settings.plugins.clone(),
+    });
     let plugins = PluginHost::start(host).await?;
     let gateway = Arc::new(Gateway {
+        limits: EventLimits::new(&settings.rate_limits),
+        ip_limits: Arc::new(IpLimits::new(&settings.limits)),
         settings,
         hub,
         plugins,
         metrics,
         history,
+        auth,
+        sanitizer,
         epoch: Instant::now(),
         sessions: Sessions::default(),
     });
@@ -117,6 +137,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             loop {
                 tick.tick().await;
                 gw.hub.heartbeat(hb.timeout);
+                gw.limits.sweep();
+                gw.ip_limits.sweep();
             }
         })
     };
@@ -134,15 +156,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     background.extend([heartbeat, watcher]);
 
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = crate::http::routes(gateway.clone());
-    let server = tokio::spawn(
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                let _ = stopped.await;
-            })
-            .run(),
-    );
+    let server = tokio::spawn(crate::http::serve(listener, gateway.clone(), async move {
+        let _ = stopped.await;
+    }));
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
     Ok(Running { addr, gateway, stop: Some(stop), server, background })
 }

@@ -20,10 +20,15 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::conn::{Conn, Identity, new_client_id};
+use std::sync::atomic::Ordering;
+
+use crate::auth::{self, Auth, AuthError, TokenSource};
+use crate::config::AuthMode;
+use crate::conn::{Conn, Identity, Profile, new_client_id};
 use crate::gateway::Gateway;
 use crate::history::{HistoryError, Page};
 use crate::protocol::RoomName;
+use crate::ratelimit::IpRefusal;
 
 /// `Content-Security-Policy` for everything we serve: scripts, styles and connections
 /// from this origin only, no inline script, never framed.
@@ -34,6 +39,73 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 /// this are still read, in several chunks.
 const READ_BUFFER: usize = 2048;
 
+/// The client's address, put on every request by [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Inserts the peer address into each request of one connection.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, B> tower_service::Service<warp::http::Request<B>> for WithPeer<S>
+where
+    S: tower_service::Service<warp::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: warp::http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(PeerAddr(self.peer));
+        self.inner.call(req)
+    }
+}
+
+/// Accepts connections until `stop` resolves, then lets open HTTP requests finish.
+///
+/// Our own accept loop (instead of `warp::serve`) so that every socket gets `TCP_NODELAY`:
+/// a gateway writes many small frames, and Nagle's algorithm meeting the client's delayed
+/// ACK would hold some of them back for up to 40 ms.
+pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>, stop: impl std::future::Future<Output = ()>) {
+    let routes = routes(gw);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors, typically: give connections time to close.
+                    tracing::error!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = WithPeer { inner: warp::service(routes.clone()), peer };
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!("http connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let gw_filter = {
         let gw = gw.clone();
@@ -43,20 +115,38 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
     let upgrade = warp::get()
         .and(ws_path)
         .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<PeerAddr>().map(|p: Option<PeerAddr>| p.map(|p| p.0)))
         .and(gw_filter.clone())
         .and_then(upgrade);
     let healthz = warp::get().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
     let history = warp::get()
         .and(warp::path!("rooms" / String / "history"))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
         .and(gw_filter.clone())
         .then(history);
+    // Path first: a mismatch must read as "not found", not "method not allowed".
+    let preflight = warp::path!("rooms" / String / "history")
+        .and(warp::options())
+        .and(warp::header::headers_cloned())
+        .and(gw_filter.clone())
+        .map(|_room: String, headers: HeaderMap, gw: Arc<Gateway>| preflight(&gw, &headers));
+    // CORS for the HTTP API, from the same list of origins as WebSocket upgrades.
+    let api = healthz.or(history).unify().and(warp::header::headers_cloned()).and(gw_filter.clone()).map(
+        |mut res: Response, headers: HeaderMap, gw: Arc<Gateway>| {
+            if let Some(origin) = allowed_origin(&gw, &headers) {
+                res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                res.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+            }
+            res
+        },
+    );
     let index = warp::get().and(warp::path::end()).map(|| {
         warp::reply::html("<!doctype html><title>rtgate</title><p>rtgate is running. Connect a WebSocket to /ws.</p>")
     });
-    upgrade.or(healthz).or(history).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
+    upgrade.or(api).or(preflight).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
 }
 
 fn security_headers() -> HeaderMap {
@@ -100,6 +190,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 async fn upgrade(
     headers: HeaderMap,
+    query: String,
     on_upgrade: Option<OnUpgrade>,
     remote: Option<SocketAddr>,
     gw: Arc<Gateway>,
@@ -121,17 +212,66 @@ async fn upgrade(
     let Some(on_upgrade) = on_upgrade else {
         return bad("this connection cannot be upgraded");
     };
+    let refuse = |status: StatusCode, code: &str, why: &str| {
+        gw.metrics.upgrades_refused.fetch_add(1, Ordering::Relaxed);
+        // The reason only: a token, even a bad one, never reaches the log.
+        tracing::info!(peer = ?remote, "upgrade refused: {why}");
+        Ok(error_reply(status, code, why))
+    };
+    let slot = match remote.map(|r| gw.ip_limits.admit(r.ip())) {
+        Some(Ok(slot)) => Some(slot),
+        Some(Err(IpRefusal::TooManyOpen)) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections from this address",
+            );
+        }
+        Some(Err(IpRefusal::TooFast)) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "connecting too fast from this address",
+            );
+        }
+        None => None,
+    };
     if let Err(refusal) = check_origin(&gw, &headers) {
-        tracing::info!(peer = ?remote, "upgrade refused: {refusal}");
-        return Ok(error_reply(StatusCode::FORBIDDEN, "forbidden_origin", refusal));
+        return refuse(StatusCode::FORBIDDEN, "forbidden_origin", refusal);
     }
 
-    let accept = derive_accept_key(key.as_bytes());
     let id = new_client_id();
-    let identity = Identity::new(id.clone(), guest_name(&id));
-    let conn = Arc::new(Conn::new(identity, id, gw.settings.limits.outbox_messages, gw.epoch));
+    let limits = &gw.settings.limits;
+    let mut subprotocol = false;
+    let (user_id, profile) = match gw.auth.mode() {
+        AuthMode::Anonymous => {
+            let chosen = query_param(&query, "name").and_then(|n| auth::clean_name(&n, limits.max_name_chars));
+            let name: Arc<str> = match chosen {
+                Some(name) => gw.sanitizer.clean(&name).into(),
+                None => guest_name(&id),
+            };
+            (id.clone(), Profile::guest(name))
+        }
+        AuthMode::Jwt => {
+            let Some((token, source)) = Auth::token_from(&headers, &query) else {
+                return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &AuthError::Missing.to_string());
+            };
+            match gw.auth.verify(&token, limits.max_name_chars) {
+                Ok((user, profile)) => {
+                    subprotocol = source == TokenSource::Subprotocol;
+                    let username = gw.sanitizer.clean(&profile.username).into();
+                    (user, Profile { username, ..profile })
+                }
+                Err(e) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+            }
+        }
+    };
+    let rate_key = user_id.clone();
+    let identity = Identity::new(user_id, profile);
+    let conn = Arc::new(Conn::new(identity, id, rate_key, limits.outbox_messages, gw.epoch));
+    let accept = derive_accept_key(key.as_bytes());
     let guard = gw.session_guard();
-    let max = gw.settings.limits.max_frame_bytes;
+    let max = limits.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(64 << 10)
@@ -139,7 +279,7 @@ async fn upgrade(
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
     tokio::spawn(async move {
-        let _guard = guard;
+        let _guards = (guard, slot);
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
@@ -158,7 +298,19 @@ async fn upgrade(
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
+    if subprotocol {
+        // A browser that offered subprotocols fails the connection unless one is chosen.
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(auth::BEARER_PROTOCOL));
+    }
     Ok(res)
+}
+
+/// The first value of `name` in a query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| auth::percent_decode(v))
+    })
 }
 
 /// Cross-site WebSocket hijacking defence: a browser always sends `Origin`, and only the
@@ -180,6 +332,28 @@ fn check_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), &'static str> {
 
 fn guest_name(id: &str) -> Arc<str> {
     Arc::from(format!("guest-{}", &id[id.len() - 4..]))
+}
+
+/// The request's `Origin`, if it is one the configuration allows.
+fn allowed_origin(gw: &Gateway, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    gw.settings.server.allowed_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(text)).then(|| origin.clone())
+}
+
+fn preflight(gw: &Gateway, headers: &HeaderMap) -> Response {
+    let Some(origin) = allowed_origin(gw, headers) else {
+        return error_reply(StatusCode::FORBIDDEN, "forbidden_origin", "origin not allowed");
+    };
+    let mut res = warp::reply().into_response();
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    res
 }
 
 fn healthz(gw: Arc<Gateway>) -> Response {
@@ -226,11 +400,27 @@ fn healthz(gw: Arc<Gateway>) -> Response {
 
 /// `GET /rooms/{room}/history?after=SEQ|before=SEQ&limit=N`: a page of persisted messages,
 /// ascending, as `{"room":R,"messages":[…],"next":SEQ|null,"prev":SEQ|null}`.
-async fn history(room: String, query: String, gw: Arc<Gateway>) -> Response {
+async fn history(room: String, query: String, headers: HeaderMap, gw: Arc<Gateway>) -> Response {
     let bad = |message: &str| error_reply(StatusCode::BAD_REQUEST, "bad_request", message);
     let Ok(room) = RoomName::parse(&room) else {
         return bad("invalid room name");
     };
+    // The same identity and permissions as a WebSocket connection.
+    let profile = match gw.auth.mode() {
+        AuthMode::Anonymous => Profile::guest(Arc::from("")),
+        AuthMode::Jwt => {
+            let verified = Auth::token_from(&headers, &query)
+                .ok_or(AuthError::Missing)
+                .and_then(|(token, _)| gw.auth.verify(&token, gw.settings.limits.max_name_chars));
+            match verified {
+                Ok((_, profile)) => profile,
+                Err(e) => return error_reply(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+            }
+        }
+    };
+    if !gw.auth.may_enter(&profile, &room) {
+        return error_reply(StatusCode::FORBIDDEN, "forbidden", "you may not read this room");
+    }
     let settings = gw.history.settings();
     let (mut after, mut before, mut limit) = (None, None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -239,6 +429,7 @@ async fn history(room: String, query: String, gw: Arc<Gateway>) -> Response {
             "after" => &mut after,
             "before" => &mut before,
             "limit" => &mut limit,
+            "token" => continue,
             _ => return bad("unknown parameter: use after, before and limit"),
         };
         match value.parse::<u64>() {

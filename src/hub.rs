@@ -39,13 +39,21 @@ pub struct Hub {
     rooms: DashMap<RoomName, Arc<Room>>,
     metrics: Arc<Metrics>,
     history: Arc<History>,
+    max_members: usize,
     /// Set by shutdown: a connection registering after `close_all` is closed at once.
     closing: AtomicBool,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>, history: Arc<History>) -> Hub {
-        Hub { conns: DashMap::new(), rooms: DashMap::new(), metrics, history, closing: AtomicBool::new(false) }
+    pub fn new(metrics: Arc<Metrics>, history: Arc<History>, max_members: usize) -> Hub {
+        Hub {
+            conns: DashMap::new(),
+            rooms: DashMap::new(),
+            metrics,
+            history,
+            max_members,
+            closing: AtomicBool::new(false),
+        }
     }
 
     pub fn register(&self, conn: Arc<Conn>) {
@@ -91,23 +99,22 @@ impl Hub {
             match self.history.existing(room) {
                 Some(stream) => {
                     let st = stream.lock();
-                    self.join_locked(conn, room, Some(st.delivered()), None, false);
+                    self.join_locked(conn, room, Some(st.delivered()), None, false)?;
                 }
-                None => self.join_locked(conn, room, None, None, false),
+                None => self.join_locked(conn, room, None, None, false)?,
             }
             return Ok(());
         };
         let Some(stream) = self.history.stream(room) else {
             // No history to catch up from: join, and say so.
-            self.join_locked(conn, room, None, Some((since, None)), false);
-            return Ok(());
+            return self.join_locked(conn, room, None, Some((since, None)), false);
         };
         let plan = {
             let st = stream.lock();
             let plan = st.plan_catch_up(since);
             // From here until the release below, live frames for this connection wait in
             // its outbox behind the catch-up: nothing can fall between the two.
-            self.join_locked(conn, room, Some(plan.seq), None, true);
+            self.join_locked(conn, room, Some(plan.seq), None, true)?;
             plan
         };
         let (frames, gap) = self.history.finish_catch_up(room, since, plan).await;
@@ -125,7 +132,7 @@ impl Hub {
         seq: Option<u64>,
         gap: Option<(u64, Option<u64>)>,
         hold: bool,
-    ) {
+    ) -> Result<(), ClientError> {
         loop {
             let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
                 self.metrics.rooms_created();
@@ -136,6 +143,10 @@ impl Hub {
             let mut state = handle.state.lock();
             if state.dead {
                 continue;
+            }
+            let joining = !conn.in_room(room);
+            if joining && state.members.len() >= self.max_members {
+                return Err(ClientError::RoomFull(room.to_string()));
             }
             let ids: Vec<&str> =
                 state.members.iter().map(|m| &*m.id).chain((!conn.in_room(room)).then_some(&*conn.id)).collect();
@@ -152,7 +163,7 @@ impl Hub {
                 deliver_locked(&state.members, &notice, None, &self.metrics);
                 state.members.push(conn.clone());
             }
-            return;
+            return Ok(());
         }
     }
 
@@ -253,13 +264,17 @@ impl Hub {
         }
     }
 
-    /// One heartbeat round: terminates connections silent for `timeout`, pings the rest.
-    /// A single sweep for all connections replaces a timer per connection.
+    /// One heartbeat round: terminates connections silent for `timeout`, closes those whose
+    /// token expired, pings the rest. A single sweep for all connections replaces a timer
+    /// per connection.
     pub fn heartbeat(&self, timeout: Duration) {
         let ping = Frame::Ping(Default::default());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         for conn in self.conns.iter() {
             if conn.idle_for() > timeout {
                 conn.outbox.close(CloseReason::HeartbeatTimeout);
+            } else if conn.identity.expired(now) {
+                conn.outbox.close(CloseReason::Policy("token expired"));
             } else {
                 self.push(conn.value(), ping.clone());
             }

@@ -4,6 +4,7 @@
 //! The map of the modules and of how one event flows through them is in
 //! `ARCHITECTURE.md`; the wire protocol is in `docs/protocol.md`.
 
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod error;
@@ -14,6 +15,8 @@ pub mod hub;
 pub mod metrics;
 pub mod plugins;
 pub mod protocol;
+pub mod ratelimit;
+pub mod sanitize;
 pub mod session;
 
 pub use config::Settings;

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub plugin_errors: AtomicU64,
     pub plugin_timeouts: AtomicU64,
     pub plugin_busy: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub upgrades_refused: AtomicU64,
     pub history_batches: AtomicU64,
     pub history_rows: AtomicU64,
     pub history_commit_micros: AtomicU64,

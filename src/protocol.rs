@@ -70,6 +70,14 @@ pub enum ClientEvent {
     LeaveRoom {
         room: RoomName,
     },
+    /// Replaces the connection's token (jwt mode) before it expires.
+    Refresh {
+        token: String,
+    },
+    /// A guest's display name.
+    SetName {
+        name: String,
+    },
     /// Any other type: routed to the plugin registered for `kind`, with the whole object.
     Plugin {
         kind: String,
@@ -78,8 +86,12 @@ pub enum ClientEvent {
 }
 
 impl ClientEvent {
-    pub fn parse(text: &str) -> Result<ClientEvent, ClientError> {
+    /// Parses one text frame. `max_depth` bounds nesting (serde_json alone stops at 128).
+    pub fn parse(text: &str, max_depth: usize) -> Result<ClientEvent, ClientError> {
         let value: Value = serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+        if depth(&value) > max_depth {
+            return Err(ClientError::TooDeep(max_depth));
+        }
         let Value::Object(body) = value else {
             return Err(ClientError::NotAnObject);
         };
@@ -90,8 +102,26 @@ impl ClientEvent {
         match kind {
             "join_room" => Ok(ClientEvent::JoinRoom { room: room_field(&body)?, since: since_field(&body)? }),
             "leave_room" => Ok(ClientEvent::LeaveRoom { room: room_field(&body)? }),
+            "refresh" => Ok(ClientEvent::Refresh { token: string_field(&body, "token")? }),
+            "set_name" => Ok(ClientEvent::SetName { name: string_field(&body, "name")? }),
             _ => Ok(ClientEvent::Plugin { kind: kind.to_string(), body }),
         }
+    }
+}
+
+/// Nesting depth of a JSON value (a scalar is 0, `[]` is 1).
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn string_field(body: &Map<String, Value>, field: &'static str) -> Result<String, ClientError> {
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(ClientError::InvalidField { field, problem: "must be a string" }),
     }
 }
 
@@ -127,6 +157,37 @@ pub fn error_frame(code: &str, message: &str) -> Frame {
         message: &'a str,
     }
     frame(&Error { r#type: "error", code, message })
+}
+
+pub fn rate_limited_frame(code: &str, message: &str, retry_after_ms: u64) -> Frame {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Limited<'a> {
+        r#type: &'static str,
+        code: &'a str,
+        message: &'a str,
+        retry_after_ms: u64,
+    }
+    frame(&Limited { r#type: "error", code, message, retry_after_ms })
+}
+
+pub fn token_refreshed(expires_at: Option<u64>) -> Frame {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Refreshed {
+        r#type: &'static str,
+        expires_at: Option<u64>,
+    }
+    frame(&Refreshed { r#type: "token_refreshed", expires_at })
+}
+
+pub fn name_set(username: &str) -> Frame {
+    #[derive(Serialize)]
+    struct NameSet<'a> {
+        r#type: &'static str,
+        username: &'a str,
+    }
+    frame(&NameSet { r#type: "name_set", username })
 }
 
 pub fn welcome(client_id: &str, user_id: &str, username: &str) -> Frame {
@@ -209,12 +270,14 @@ mod tests {
 
     #[test]
     fn parse_errors_have_codes() {
-        let code = |s: &str| ClientEvent::parse(s).unwrap_err().code().to_string();
+        let code = |s: &str| ClientEvent::parse(s, 32).unwrap_err().code().to_string();
         assert_eq!(code("{"), "invalid_json");
         assert_eq!(code("[1]"), "not_an_object");
         assert_eq!(code("{\"type\":1}"), "missing_type");
         assert_eq!(code("{}"), "missing_type");
         assert_eq!(code("{\"type\":\"join_room\",\"room\":\"a b\"}"), "invalid_room");
         assert_eq!(code("{\"type\":\"join_room\"}"), "invalid_room");
+        assert_eq!(code(&format!("{}{}", "[".repeat(40), "]".repeat(40))), "too_deep");
+        assert_eq!(code("{\"type\":\"refresh\"}"), "invalid_field");
     }
 }

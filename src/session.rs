@@ -20,11 +20,17 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::conn::{CloseReason, Conn};
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+
+use crate::auth::{self, AuthError};
+use crate::config::AuthMode;
+use crate::conn::{CloseReason, Conn, Profile};
 use crate::error::ClientError;
 use crate::gateway::Gateway;
 use crate::plugins::HookMask;
-use crate::protocol::{self, ClientEvent, Frame};
+use crate::protocol::{self, ClientEvent, Frame, RoomName};
 
 /// How long the closing handshake may take once the gateway decided to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,7 +67,7 @@ where
     let close = match end {
         End::Closed(reason) => {
             if reason == CloseReason::HeartbeatTimeout {
-                gw.metrics.heartbeat_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                gw.metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
             }
             tracing::debug!(client = %conn.id, reason = reason.text(), "closing");
             reason.code().map(|code| (code, reason.text()))
@@ -109,6 +115,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut batch: VecDeque<Frame> = VecDeque::new();
+    let mut strikes = Strikes::default();
     loop {
         tokio::select! {
             biased;
@@ -129,10 +136,8 @@ where
                 Some(Ok(message)) => {
                     conn.touch();
                     match message {
-                        Message::Text(text) => handle_text(gw, conn, text.as_str()).await,
-                        Message::Binary(_) => {
-                            conn.send(ClientError::BinaryFrame.to_frame());
-                        }
+                        Message::Text(text) => handle_frame(gw, conn, Some(text.as_str()), &mut strikes).await,
+                        Message::Binary(_) => handle_frame(gw, conn, None, &mut strikes).await,
                         Message::Close(_) => return End::ClientClosed,
                         // tungstenite answers pings itself; pongs only prove liveness.
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -155,21 +160,111 @@ where
     ws.flush().await
 }
 
-/// Parses and dispatches one text frame: the single place a client event is routed.
-async fn handle_text(gw: &Gateway, conn: &Arc<Conn>, text: &str) {
-    gw.metrics.events_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let result = match ClientEvent::parse(text) {
-        Ok(ClientEvent::JoinRoom { room, since }) => gw.hub.join(conn, &room, since).await.map(|()| {
-            gw.plugins.hook(HookMask::JOIN, conn, Some(&room));
-        }),
-        Ok(ClientEvent::LeaveRoom { room }) => gw.hub.leave(conn, &room).map(|()| {
-            gw.plugins.hook(HookMask::LEAVE, conn, Some(&room));
-        }),
-        Ok(ClientEvent::Plugin { kind, body }) => gw.plugins.dispatch(conn, &kind, body),
+/// Per-session abuse bookkeeping.
+#[derive(Default)]
+struct Strikes {
+    /// Rate-limited events in a row.
+    refused: u32,
+}
+
+/// Rate-limits, parses and dispatches one frame (`None`: a binary frame): the single place
+/// a client event enters the gateway.
+async fn handle_frame(gw: &Gateway, conn: &Arc<Conn>, text: Option<&str>, strikes: &mut Strikes) {
+    gw.metrics.events_in.fetch_add(1, Ordering::Relaxed);
+    let parsed = match text {
+        Some(text) => ClientEvent::parse(text, gw.settings.limits.max_json_depth),
+        None => Err(ClientError::BinaryFrame),
+    };
+    let kind = match &parsed {
+        Ok(ClientEvent::Plugin { kind, .. }) => kind.as_str(),
+        Ok(ClientEvent::JoinRoom { .. }) => "join_room",
+        Ok(ClientEvent::LeaveRoom { .. }) => "leave_room",
+        Ok(ClientEvent::Refresh { .. }) => "refresh",
+        Ok(ClientEvent::SetName { .. }) => "set_name",
+        Err(_) => "",
+    };
+    // Garbage counts too: a client cannot flood with malformed frames either.
+    if let Err(wait) = gw.limits.check(&conn.rate_key, kind) {
+        gw.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        conn.send(ClientError::RateLimited { retry_after_ms: wait.as_millis().max(1) as u64 }.to_frame());
+        strikes.refused += 1;
+        if strikes.refused >= gw.limits.disconnect_after {
+            conn.outbox.close(CloseReason::Policy("rate limit exceeded"));
+        }
+        return;
+    }
+    strikes.refused = 0;
+    let result = match parsed {
+        Ok(event) => dispatch(gw, conn, event).await,
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        gw.metrics.client_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gw.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
         conn.send(e.to_frame());
     }
+}
+
+async fn dispatch(gw: &Gateway, conn: &Arc<Conn>, event: ClientEvent) -> Result<(), ClientError> {
+    let limits = &gw.settings.limits;
+    match event {
+        ClientEvent::JoinRoom { room, since } => {
+            if !gw.auth.may_enter(&conn.identity.profile(), &room) {
+                return Err(ClientError::Forbidden(room.to_string()));
+            }
+            if !conn.in_room(&room) && conn.room_count() >= limits.max_rooms_per_connection {
+                return Err(ClientError::TooManyRooms(limits.max_rooms_per_connection));
+            }
+            gw.hub.join(conn, &room, since).await?;
+            gw.plugins.hook(HookMask::JOIN, conn, Some(&room));
+        }
+        ClientEvent::LeaveRoom { room } => {
+            gw.hub.leave(conn, &room)?;
+            gw.plugins.hook(HookMask::LEAVE, conn, Some(&room));
+        }
+        ClientEvent::Refresh { token } => {
+            if gw.auth.mode() != AuthMode::Jwt {
+                return Err(ClientError::NotAllowed("there is no token to refresh in anonymous mode"));
+            }
+            let (user, profile) =
+                gw.auth.verify(&token, limits.max_name_chars).map_err(|e| ClientError::InvalidToken(e.to_string()))?;
+            if user != conn.identity.user_id {
+                return Err(ClientError::InvalidToken(AuthError::OtherUser.to_string()));
+            }
+            let expires = profile.expires_at;
+            conn.identity.set_profile(Profile { username: gw.sanitizer.clean(&profile.username).into(), ..profile });
+            conn.send(protocol::token_refreshed(expires));
+        }
+        ClientEvent::SetName { name } => {
+            if gw.auth.mode() != AuthMode::Anonymous {
+                return Err(ClientError::NotAllowed("your name comes from your token"));
+            }
+            let name = auth::clean_name(&name, limits.max_name_chars)
+                .ok_or(ClientError::InvalidName(limits.max_name_chars))?;
+            let name: Arc<str> = gw.sanitizer.clean(&name).into();
+            conn.identity.set_username(name.clone());
+            conn.send(protocol::name_set(&name));
+        }
+        ClientEvent::Plugin { kind, mut body } => {
+            if let Some(Value::String(room)) = body.get("room")
+                && let Ok(room) = RoomName::parse(room)
+                && !gw.auth.may_enter(&conn.identity.profile(), &room)
+            {
+                return Err(ClientError::Forbidden(room.to_string()));
+            }
+            // Counted as sent, before cleaning: what the user typed is what is limited.
+            if let Some(Value::String(message)) = body.get("message")
+                && message.chars().count() > limits.max_message_chars
+            {
+                return Err(ClientError::MessageTooLong);
+            }
+            gw.sanitizer.clean_event(&mut body);
+            if let Some(Value::String(message)) = body.get("message")
+                && message.trim().is_empty()
+            {
+                return Err(ClientError::EmptyMessage);
+            }
+            gw.plugins.dispatch(conn, &kind, body)?;
+        }
+    }
+    Ok(())
 }

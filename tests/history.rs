@@ -410,6 +410,7 @@ async fn a_full_database_degrades_and_recovers_when_retention_frees_space() {
     let mut s = settings();
     s.history.max_db_bytes = 1 << 20;
     s.history.max_per_room = 20;
+    s.limits.max_message_chars = 20_000;
     let gw = Gw::start(s).await;
     let mut a = gw.client().await;
     a.join("big").await;
@@ -443,6 +444,16 @@ async fn batched_durability_loses_at_most_its_documented_window_on_kill_9() {
     kill_9(Durability::Batched).await;
 }
 
+/// A spawned gateway that does not outlive a failing test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs the real binary under load, kills it with SIGKILL, restarts it on the same
 /// database and compares what clients were given with what was kept.
 async fn kill_9(durability: Durability) {
@@ -457,6 +468,7 @@ async fn kill_9(durability: Durability) {
             .env("RTGATE__SERVER__BIND", "127.0.0.1:0")
             .env("RTGATE__HISTORY__PATH", data.path().join("h.db"))
             .env("RTGATE__HISTORY__DURABILITY", mode)
+            .env("RTGATE__RATE_LIMITS__ENABLED", "false")
             .env("RTGATE__LOG__FILTER", "info")
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::piped())
@@ -476,7 +488,8 @@ async fn kill_9(durability: Durability) {
         (child, addr)
     };
 
-    let (mut child, addr) = start();
+    let (child, addr) = start();
+    let mut child = KillOnDrop(child);
     let url = format!("ws://{addr}/ws");
     let mut observer = Client::connect(&url).await;
     observer.join("crash").await;
@@ -504,9 +517,9 @@ async fn kill_9(durability: Durability) {
             last_at.insert(seq, std::time::Instant::now());
         }
     }
-    child.kill().expect("SIGKILL");
+    child.0.kill().expect("SIGKILL");
     let killed_at = std::time::Instant::now();
-    let _ = child.wait();
+    let _ = child.0.wait();
     // Whatever reached the observer's socket before the kill counts as delivered.
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), observer.ws.next()).await {
         if let Message::Text(t) = msg {
@@ -520,7 +533,8 @@ async fn kill_9(durability: Durability) {
         let _ = p.await;
     }
 
-    let (mut child, addr) = start();
+    let (child, addr) = start();
+    let _child = KillOnDrop(child);
     let mut stored = HashSet::new();
     let mut after = 0;
     loop {
@@ -535,9 +549,6 @@ async fn kill_9(durability: Durability) {
             None => break,
         }
     }
-    child.kill().unwrap();
-    let _ = child.wait();
-
     let max_stored = stored.iter().max().copied().unwrap_or(0);
     assert_eq!(stored.len() as u64, max_stored, "what is stored has no holes");
     let mut lost: Vec<u64> = delivered.difference(&stored).copied().collect();

@@ -128,6 +128,7 @@ async fn thousands_of_hostile_frames_break_nothing() {
 async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others() {
     let mut s = settings();
     s.limits.outbox_messages = 16;
+    s.limits.max_message_chars = 64 * 1024;
     let gw = Gw::start(s).await;
     let mut reader = gw.client().await;
     let mut slow = gw.client().await;
@@ -139,9 +140,15 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others(
     // reader and `slow` receive the flood.
     let slow_id = slow.id.clone();
     let payload = "z".repeat(32 * 1024);
+    // The publisher stays at most 8 messages ahead of the reader, so the reader's own queue
+    // stays short while `slow`'s grows until it overflows.
+    let (progress, mut read) = tokio::sync::watch::channel(0usize);
     let flood = tokio::spawn(async move {
         // Bounded: 4,000 × 32 KiB is far more than the loopback socket buffers hold.
         for i in 0..4000 {
+            if read.wait_for(|n| *n + 8 >= i).await.is_err() {
+                break;
+            }
             let msg = json!({"type": "chat", "room": "flood", "message": format!("{i}:{payload}")});
             if publisher.ws.send(Message::text(msg.to_string())).await.is_err() {
                 break;
@@ -158,6 +165,7 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others(
                 let text = m["message"].as_str().unwrap();
                 assert!(text.starts_with(&format!("{next}:")), "expected message {next}");
                 next += 1;
+                let _ = progress.send(next);
             }
             Some("user_left") => {
                 assert_eq!(m["clientId"], slow_id.as_str());
@@ -167,6 +175,7 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others(
         }
         assert!(next < 4000, "the slow client was never disconnected");
     }
+    drop(progress);
     let _ = flood.await;
     // Once it reads again, the slow client finds the close frame after what it was sent.
     let close = slow.expect_close().await.expect("a close frame");

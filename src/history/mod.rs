@@ -395,6 +395,9 @@ impl History {
 
     /// Commits everything queued so far (shutdown).
     pub async fn flush(&self) {
+        if !self.settings.enabled {
+            return;
+        }
         let (done, flushed) = oneshot::channel();
         if self.writes.send(ToWriter::Flush(done)).await.is_ok() {
             let _ = flushed.await;

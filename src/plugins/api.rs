@@ -186,7 +186,7 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     rt.raw_set(
         "send",
         lua.create_function(move |_, (id, msg): (String, Value)| {
-            let frame = encode(&msg)?;
+            let frame = Frame::text(encode(&h, &msg)?);
             Ok(h.hub.send_to(&id, frame))
         })?,
     )?;
@@ -214,7 +214,7 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
             {
                 return Err(mlua::Error::runtime("a persisted message's \"seq\" is assigned by the gateway"));
             }
-            let body = encode_text(&msg)?;
+            let body = encode(&h, &msg)?;
             let seq = h.broker.publish(&room, body, exclude.as_deref(), persist);
             let seq = seq.map_or(Value::Nil, |s| Value::Integer(s as i64));
             Ok((Value::Boolean(true), seq, Value::Nil))
@@ -229,7 +229,7 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
                 Some(o) => o.raw_get("exclude")?,
                 None => None,
             };
-            let frame = encode(&msg)?;
+            let frame = Frame::text(encode(&h, &msg)?);
             Ok(h.broker.broadcast(&frame, exclude.as_deref()))
         })?,
     )?;
@@ -339,26 +339,26 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
 
 /// The `client` argument handlers receive.
 pub fn client_table(lua: &Lua, conn: &Conn) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 3)?;
+    let t = lua.create_table_with_capacity(0, 4)?;
     t.raw_set("id", &*conn.id)?;
     t.raw_set("userId", &*conn.identity.user_id)?;
-    t.raw_set("username", &*conn.identity.username())?;
+    let profile = conn.identity.profile();
+    t.raw_set("username", &*profile.username)?;
+    t.raw_set("admin", profile.admin)?;
     Ok(t)
 }
 
-/// Serializes a message table once, into the frame every recipient will share.
-fn encode(msg: &Value) -> mlua::Result<Frame> {
-    encode_text(msg).map(Frame::text)
-}
-
-fn encode_text(msg: &Value) -> mlua::Result<String> {
+/// Serializes a message table once, into the text every recipient will share, with any
+/// markup the script put in cleaned.
+fn encode(host: &Host, msg: &Value) -> mlua::Result<String> {
     let Value::Table(t) = msg else {
         return Err(mlua::Error::runtime("a message must be a table"));
     };
     if !matches!(t.raw_get::<Value>("type")?, Value::String(_)) {
         return Err(mlua::Error::runtime("a message needs a string field \"type\""));
     }
-    serde_json::to_string(msg).map_err(|e| mlua::Error::runtime(format!("cannot encode message: {e}")))
+    let text = serde_json::to_string(msg).map_err(|e| mlua::Error::runtime(format!("cannot encode message: {e}")))?;
+    Ok(host.sanitizer.clean_output(text))
 }
 
 /// UTC time as `2026-11-27T10:58:15.123Z`, the format of JavaScript's `toISOString()`.

@@ -38,6 +38,8 @@ pub struct Host {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
+    /// Cleans markup a script put into its output.
+    pub sanitizer: Arc<crate::sanitize::Sanitizer>,
     pub settings: PluginSettings,
 }
 
@@ -148,6 +150,7 @@ struct Script {
 /// The bundled plugins, compiled in so that the binary runs anywhere: used when the
 /// configured directory does not exist.
 const BUILT_IN: &[(&str, &str)] = &[
+    ("broadcast.lua", include_str!("../../plugins/broadcast.lua")),
     ("chat.lua", include_str!("../../plugins/chat.lua")),
     ("chat_message.lua", include_str!("../../plugins/chat_message.lua")),
     ("file_share.lua", include_str!("../../plugins/file_share.lua")),
@@ -244,9 +247,10 @@ impl PluginHost {
 /// each that fails (`rtgate --check`). Nothing is served.
 pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(metrics.clone(), crate::history::History::disabled(metrics.clone())));
+    let hub = Arc::new(Hub::new(metrics.clone(), crate::history::History::disabled(metrics.clone()), usize::MAX));
     let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
-    let host = Arc::new(Host { hub, broker, metrics, settings: settings.clone() });
+    let sanitizer = Arc::new(crate::sanitize::Sanitizer::new(&crate::config::Settings::defaults().sanitize));
+    let host = Arc::new(Host { hub, broker, metrics, sanitizer, settings: settings.clone() });
     let scripts = match read_scripts(&settings.dir) {
         Ok(scripts) => scripts,
         Err(e) => return vec![(settings.dir.display().to_string(), e.to_string())],

@@ -31,8 +31,23 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// Defaults as shipped, bound to a free loopback port, with the repository's plugins.
+/// Defaults as shipped, bound to a free loopback port, with the repository's plugins, and
+/// with rate limits and per-IP caps out of the way: every test client shares 127.0.0.1 and
+/// most tests publish far faster than a person types. The limits have their own tests
+/// (`strict_settings`).
 pub fn settings() -> Settings {
+    let mut s = strict_settings();
+    for bucket in s.rate_limits.buckets.values_mut() {
+        bucket.per_minute = 10_000_000;
+        bucket.burst = 1_000_000;
+    }
+    s.limits.max_connections_per_ip = 100_000;
+    s.limits.new_connections_per_ip_per_second = 100_000;
+    s
+}
+
+/// Defaults exactly as shipped, bound to a free loopback port, with the repository's plugins.
+pub fn strict_settings() -> Settings {
     let mut s = Settings::defaults();
     s.server.bind = "127.0.0.1:0".parse().unwrap();
     s.plugins.dir = repo_path("plugins");
@@ -199,7 +214,22 @@ pub async fn http_get(
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut buf)).await.expect("response in time").expect("read");
+    let read = async {
+        // Read the head; a 101 leaves the socket open (a WebSocket), anything else is
+        // read to the end (Connection: close).
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            s.read_to_end(&mut buf).await.expect("read");
+        }
+    };
+    tokio::time::timeout(TIMEOUT, read).await.expect("response in time");
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
