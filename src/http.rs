@@ -121,6 +121,10 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
         .and(gw_filter.clone())
         .and_then(upgrade);
     let healthz = warp::get().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
+    let metrics = warp::get().and(warp::path!("metrics")).and(gw_filter.clone()).map(|gw: Arc<Gateway>| {
+        let body = gw.metrics.render(&gw.plugins.event_counts());
+        warp::reply::with_header(body, header::CONTENT_TYPE, "text/plain; version=0.0.4").into_response()
+    });
     let history = warp::get()
         .and(warp::path!("rooms" / String / "history"))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -146,7 +150,13 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
     let index = warp::get().and(warp::path::end()).map(|| {
         warp::reply::html("<!doctype html><title>rtgate</title><p>rtgate is running. Connect a WebSocket to /ws.</p>")
     });
-    upgrade.or(api).or(preflight).or(index).recover(rejection).with(warp::reply::with::headers(security_headers()))
+    upgrade
+        .or(api)
+        .or(metrics)
+        .or(preflight)
+        .or(index)
+        .recover(rejection)
+        .with(warp::reply::with::headers(security_headers()))
 }
 
 fn security_headers() -> HeaderMap {

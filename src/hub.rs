@@ -294,9 +294,13 @@ impl Hub {
 fn push_counted(conn: &Conn, frame: Frame, metrics: &Metrics) -> bool {
     match conn.send(frame) {
         Push::Queued => true,
-        Push::Closed => false,
+        Push::Closed => {
+            metrics.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        }
         Push::Overflowed => {
-            metrics.slow_consumer();
+            metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            metrics.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
             false
         }
     }
@@ -309,7 +313,6 @@ fn deliver_locked(members: &[Arc<Conn>], frame: &Frame, exclude: Option<&str>, m
             n += 1;
         }
     }
-    metrics.delivered(n, frame.len());
     n
 }
 

@@ -123,6 +123,8 @@ where
                 if let Some(reason) = conn.outbox.drain(&mut batch) {
                     return End::Closed(reason);
                 }
+                let bytes: usize = batch.iter().map(Frame::len).sum();
+                gw.metrics.written(batch.len(), bytes);
                 tokio::select! {
                     written = write_batch(ws, &mut batch) => if written.is_err() {
                         return End::Broken;
@@ -170,7 +172,6 @@ struct Strikes {
 /// Rate-limits, parses and dispatches one frame (`None`: a binary frame): the single place
 /// a client event enters the gateway.
 async fn handle_frame(gw: &Gateway, conn: &Arc<Conn>, text: Option<&str>, strikes: &mut Strikes) {
-    gw.metrics.events_in.fetch_add(1, Ordering::Relaxed);
     let parsed = match text {
         Some(text) => ClientEvent::parse(text, gw.settings.limits.max_json_depth),
         None => Err(ClientError::BinaryFrame),
@@ -183,6 +184,10 @@ async fn handle_frame(gw: &Gateway, conn: &Arc<Conn>, text: Option<&str>, strike
         Ok(ClientEvent::SetName { .. }) => "set_name",
         Err(_) => "",
     };
+    if !matches!(parsed, Ok(ClientEvent::Plugin { .. })) {
+        // Plugin events are counted per type by the plugin host.
+        gw.metrics.core_event(if kind.is_empty() { "invalid" } else { kind });
+    }
     // Garbage counts too: a client cannot flood with malformed frames either.
     if let Err(wait) = gw.limits.check(&conn.rate_key, kind) {
         gw.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);

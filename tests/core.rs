@@ -294,3 +294,42 @@ async fn shutdown_closes_connections_with_1001() {
     }
     tokio::time::timeout(TIMEOUT, stopping).await.expect("shutdown finishes").unwrap();
 }
+
+#[tokio::test]
+async fn metrics_are_exposed_in_prometheus_text() {
+    let gw = Gw::default().await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("m").await;
+    b.join("m").await;
+    a.expect("user_joined").await;
+    a.send(json!({"type": "chat", "room": "m", "message": "counted"})).await;
+    a.expect("chat_message").await;
+    b.expect("chat_message").await;
+    a.expect_error(json!({"type": "nope"}), "unknown_type").await;
+    let (status, headers, body) = http_get(gw.addr, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "content-type").is_some_and(|c| c.starts_with("text/plain")));
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("rtgate_connections"), 2.0);
+    assert_eq!(value("rtgate_rooms"), 1.0);
+    assert_eq!(value("rtgate_events_total{type=\"join_room\"}"), 2.0);
+    assert_eq!(value("rtgate_events_total{type=\"chat\"}"), 1.0);
+    assert_eq!(value("rtgate_events_total{type=\"invalid\"}"), 1.0);
+    assert_eq!(value("rtgate_plugin_calls_total"), 1.0);
+    assert_eq!(value("rtgate_plugin_call_seconds_count"), 1.0);
+    assert_eq!(value("rtgate_history_rows_total"), 1.0);
+    assert_eq!(value("rtgate_history_batch_rows_count"), 1.0);
+    assert!(value("rtgate_messages_out_total") >= 5.0);
+    for name in ["rtgate_slow_consumers_total", "rtgate_deliveries_dropped_total", "rtgate_rate_limited_total"] {
+        assert_eq!(value(name), 0.0, "{name}");
+    }
+    assert!(body.contains("# TYPE rtgate_plugin_call_seconds histogram"));
+    assert!(body.contains("rtgate_history_commit_seconds_bucket{le=\"+Inf\"} 1"));
+}

@@ -482,6 +482,8 @@ impl History {
         m.history_batches.fetch_add(1, Ordering::Relaxed);
         m.history_rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
         m.history_commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.history_batch_rows.record(batch.len() as u64);
+        m.history_commit_us.record_duration(started.elapsed());
         match result {
             Ok(()) => self.set_health(Health::Ok),
             Err(e) => {

@@ -68,6 +68,8 @@ pub struct Plugin {
     jobs: Sender<Job>,
     pending: Arc<AtomicUsize>,
     queue: usize,
+    /// Events received per registered type, for /metrics.
+    counts: HashMap<Arc<str>, std::sync::atomic::AtomicU64>,
     /// Set when a reload replaces this plugin: jobs that reach the old worker after its
     /// state was handed over are passed on to the new one instead of being lost.
     successor: StdArc<OnceLock<Successor>>,
@@ -190,8 +192,12 @@ impl PluginHost {
         for _ in 0..2 {
             let registry = self.registry.load();
             let Some((kind, plugin)) = registry.by_event.get_key_value(kind) else {
+                self.host.metrics.core_event("invalid");
                 return Err(ClientError::unknown_type(kind));
             };
+            if let Some(count) = plugin.counts.get(kind) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
             match plugin.send_event(conn, kind.clone(), body) {
                 Ok(()) => return Ok(()),
                 Err(SendFailure::Full) => break,
@@ -222,6 +228,18 @@ impl PluginHost {
         if let Some(current) = self.registry.load().plugins.iter().find(|p| &*p.name == name) {
             let _ = current.jobs.send(job);
         }
+    }
+
+    /// `(event type, events received)` for every registered type, for /metrics.
+    pub fn event_counts(&self) -> Vec<(String, u64)> {
+        let registry = self.registry.load();
+        let mut counts: Vec<(String, u64)> = registry
+            .plugins
+            .iter()
+            .flat_map(|p| p.counts.iter().map(|(k, c)| (k.to_string(), c.load(Ordering::Relaxed))))
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// A receiver that changes after every reload attempt.
@@ -332,11 +350,13 @@ async fn spawn(
         })
         .map_err(|e| format!("cannot start a thread: {e}"))?;
     let registered = loaded.await.map_err(|_| "the plugin thread stopped while loading".to_string())??;
+    let counts = registered.events.iter().map(|e| (Arc::from(e.as_str()), Default::default())).collect();
     Ok(Arc::new(Plugin {
         name: script.name.clone(),
         file: script.file.clone(),
         registered,
         source: script.source.clone(),
+        counts,
         jobs,
         pending,
         queue: host.settings.queue,

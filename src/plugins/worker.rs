@@ -239,11 +239,13 @@ impl Worker {
             conn.send(ClientError::unknown_type(kind).to_frame());
             return;
         };
+        let started = Instant::now();
         let result = self.vm.guarded(self.budget, |lua| {
             let client = api::client_table(lua, conn)?;
             let event = lua.to_value(&body)?;
             handler.call::<mlua::MultiValue>((client, event))
         });
+        self.host.metrics.plugin_call_us.record_duration(started.elapsed());
         match result {
             Ok(ret) => {
                 // `return "code", "message"` refuses the event with that error.
