@@ -37,7 +37,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 
 /// tungstenite's read buffer is allocated up front for every connection; frames larger than
 /// this are still read, in several chunks.
-const READ_BUFFER: usize = 2048;
+const READ_BUFFER: usize = 1024;
 
 /// The client's address, put on every request by [`serve`].
 #[derive(Clone, Copy, Debug)]

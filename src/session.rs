@@ -32,6 +32,9 @@ use crate::gateway::Gateway;
 use crate::plugins::HookMask;
 use crate::protocol::{self, ClientEvent, Frame, RoomName};
 
+/// Batch buffers this small are released after use rather than kept.
+const SMALL_BATCH: usize = 8;
+
 /// How long the closing handshake may take once the gateway decided to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,12 +78,21 @@ where
         End::TooBig => Some((1009, "message too big")),
         End::ClientClosed | End::Broken => None,
     };
+    // Boxed: the closing handshake's futures (timers included) would otherwise enlarge the
+    // state every idle session carries for its whole life.
+    Box::pin(close_socket(&mut ws, close, &end)).await;
+}
+
+async fn close_socket<S>(ws: &mut WebSocketStream<S>, close: Option<(u16, &'static str)>, end: &End)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if let Some((code, reason)) = close {
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         if let Ok(Ok(())) = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await {
             // Read until the client hangs up: closing a socket with unread input makes the
             // kernel send a reset, which can destroy the close frame before it is read.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, linger(&mut ws, matches!(end, End::TooBig))).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, linger(ws, matches!(end, End::TooBig))).await;
         }
     } else if matches!(end, End::ClientClosed) {
         // Completes the handshake: tungstenite has queued the reply to the client's close.
@@ -100,7 +112,8 @@ where
     }
     let io = ws.get_mut();
     let _ = io.shutdown().await;
-    let mut buf = [0u8; 4096];
+    // On the heap: a buffer in this future would enlarge every idle session's state.
+    let mut buf = vec![0u8; 4096];
     let mut left = 1usize << 20;
     while left > 0 {
         match io.read(&mut buf).await {
@@ -126,9 +139,16 @@ where
                 let bytes: usize = batch.iter().map(Frame::len).sum();
                 gw.metrics.written(batch.len(), bytes);
                 tokio::select! {
-                    written = write_batch(ws, &mut batch) => if written.is_err() {
-                        return End::Broken;
-                    },
+                    written = write_batch(ws, &mut batch) => {
+                        if written.is_err() {
+                            return End::Broken;
+                        }
+                        // A connection that only ever gets a message now and then should not
+                        // keep two queue buffers for life; a busy one keeps its larger one.
+                        if batch.capacity() <= SMALL_BATCH {
+                            batch = VecDeque::new();
+                        }
+                    }
                     // The socket may be stuck behind a client that does not read; a close
                     // decided meanwhile (overflow, heartbeat, shutdown) must not wait for it.
                     reason = conn.outbox.closed() => return End::Closed(reason),
@@ -219,7 +239,8 @@ async fn dispatch(gw: &Gateway, conn: &Arc<Conn>, event: ClientEvent) -> Result<
             if !conn.in_room(&room) && conn.room_count() >= limits.max_rooms_per_connection {
                 return Err(ClientError::TooManyRooms(limits.max_rooms_per_connection));
             }
-            gw.hub.join(conn, &room, since).await?;
+            // Boxed: the catch-up read is a large future, and only joins should pay for it.
+            Box::pin(gw.hub.join(conn, &room, since)).await?;
             gw.plugins.hook(HookMask::JOIN, conn, Some(&room));
         }
         ClientEvent::LeaveRoom { room } => {
