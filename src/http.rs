@@ -39,6 +39,22 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 /// this are still read, in several chunks.
 const READ_BUFFER: usize = 1024;
 
+/// The bundled web client, compiled in so that the binary serves it from anywhere.
+const WEB: &[(&str, &str, &str)] = &[
+    ("", "text/html; charset=utf-8", include_str!("../web/index.html")),
+    ("index.html", "text/html; charset=utf-8", include_str!("../web/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_str!("../web/app.js")),
+    ("rtgate.js", "text/javascript; charset=utf-8", include_str!("../web/rtgate.js")),
+    ("style.css", "text/css; charset=utf-8", include_str!("../web/style.css")),
+];
+
+fn static_file(path: &str) -> Option<Response> {
+    let (_, content_type, body) = WEB.iter().find(|(name, _, _)| *name == path)?;
+    let mut res = warp::reply::with_header(*body, header::CONTENT_TYPE, *content_type).into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Some(res)
+}
+
 /// The client's address, put on every request by [`serve`].
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
@@ -147,14 +163,14 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
             res
         },
     );
-    let index = warp::get().and(warp::path::end()).map(|| {
-        warp::reply::html("<!doctype html><title>rtgate</title><p>rtgate is running. Connect a WebSocket to /ws.</p>")
+    let page = warp::get().and(warp::path::tail()).and_then(|tail: warp::path::Tail| async move {
+        static_file(tail.as_str()).ok_or_else(warp::reject::not_found)
     });
     upgrade
         .or(api)
         .or(metrics)
         .or(preflight)
-        .or(index)
+        .or(page)
         .recover(rejection)
         .with(warp::reply::with::headers(security_headers()))
 }

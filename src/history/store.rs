@@ -101,37 +101,32 @@ impl Store {
         Ok(self.pool.acquire().await?)
     }
 
-    /// Inserts a batch in one transaction, and moves each room's `last_seq` forward.
+    /// Inserts a batch atomically; a trigger moves each room's `last_seq` forward. A batch
+    /// that fits one statement is one round trip (SQLite makes the statement its own
+    /// transaction); a larger one is wrapped in an explicit transaction.
     pub async fn insert(&self, conn: &mut PoolConnection<Sqlite>, rows: &[Record]) -> Result<(), StoreError> {
+        if rows.len() <= ROWS_PER_INSERT {
+            self.insert_chunk(conn, rows).await?;
+            return Ok(());
+        }
         let mut tx = sqlx::Connection::begin(&mut **conn).await?;
         for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let mut q = sqlx::query(AssertSqlSafe(self.inserts[chunk.len() - 1].clone()));
-            for row in chunk {
-                q = q
-                    .bind(&*row.room)
-                    .bind(row.seq as i64)
-                    .bind(row.created_ms)
-                    .bind(std::str::from_utf8(&row.body).unwrap_or_default());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        // Rows are in sequence order per room, so each room's last row has its highest seq.
-        let mut seen: Vec<&str> = Vec::new();
-        for row in rows.iter().rev() {
-            if seen.contains(&&*row.room) {
-                continue;
-            }
-            seen.push(&row.room);
-            sqlx::query(
-                "INSERT INTO rooms (name, last_seq) VALUES (?, ?) \
-                 ON CONFLICT (name) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
-            )
-            .bind(&*row.room)
-            .bind(row.seq as i64)
-            .execute(&mut *tx)
-            .await?;
+            self.insert_chunk(&mut tx, chunk).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_chunk(&self, conn: &mut sqlx::SqliteConnection, chunk: &[Record]) -> Result<(), StoreError> {
+        let mut q = sqlx::query(AssertSqlSafe(self.inserts[chunk.len() - 1].clone()));
+        for row in chunk {
+            q = q
+                .bind(&*row.room)
+                .bind(row.seq as i64)
+                .bind(row.created_ms)
+                .bind(std::str::from_utf8(&row.body).unwrap_or_default());
+        }
+        q.execute(conn).await?;
         Ok(())
     }
 

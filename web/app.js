@@ -1,0 +1,1 @@
+// rtgate page (placeholder)

@@ -1,0 +1,1 @@
+// rtgate.js client (placeholder)
