@@ -90,6 +90,9 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    /// Tasks that could start new work (heartbeats, plugin reloads): stopped first.
+    first_to_stop: Vec<JoinHandle<()>>,
+    /// Tasks that finish work (plugin output, history): stopped last.
     background: Vec<JoinHandle<()>>,
 }
 
@@ -105,9 +108,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let hub = Arc::new(Hub::new(metrics.clone(), history.clone(), settings.limits.max_members_per_room));
     let mut background = history.start_tasks(hub.clone());
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
+    let (output, plugin_output) = tokio::sync::mpsc::channel(crate::plugins::OUTPUT_QUEUE);
+    background.push(tokio::spawn(crate::plugins::deliver_output(plugin_output, hub.clone(), broker)));
     let host = Arc::new(Host {
         hub: hub.clone(),
-        broker,
+        output,
         metrics: metrics.clone(),
         sanitizer: sanitizer.clone(),
         settings: settings.plugins.clone(),
@@ -153,14 +158,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         })
     };
 
-    background.extend([heartbeat, watcher]);
+    let first_to_stop = vec![heartbeat, watcher];
 
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, gateway.clone(), async move {
         let _ = stopped.await;
     }));
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
-    Ok(Running { addr, gateway, stop: Some(stop), server, background })
+    Ok(Running { addr, gateway, stop: Some(stop), server, first_to_stop, background })
 }
 
 impl Running {
@@ -177,12 +182,16 @@ impl Running {
             tracing::warn!("shutdown: some connections did not close within {grace:?}");
         }
         let _ = tokio::time::timeout(grace, &mut self.server).await;
+        for task in &self.first_to_stop {
+            task.abort();
+        }
+        // Plugins may still publish while they hand over state (the output task delivers
+        // it); then history commits what is queued; only then do the background tasks go.
+        gw.plugins.shutdown().await;
+        gw.history.flush().await;
         for task in &self.background {
             task.abort();
         }
-        // Plugins may still publish while they hand over state; history flushes last.
-        gw.plugins.shutdown().await;
-        gw.history.flush().await;
         tracing::info!("rtgate stopped");
     }
 }

@@ -177,7 +177,8 @@ pub(crate) struct Pending {
 
 enum ToWriter {
     Write(Pending),
-    Flush(oneshot::Sender<()>),
+    /// Commit what is queued, give the database connection back, and stop (shutdown).
+    Stop(oneshot::Sender<()>),
 }
 
 pub struct History {
@@ -393,13 +394,13 @@ impl History {
         vec![writer, maintenance]
     }
 
-    /// Commits everything queued so far (shutdown).
+    /// Commits everything queued so far and closes the database (shutdown).
     pub async fn flush(&self) {
         if !self.settings.enabled {
             return;
         }
         let (done, flushed) = oneshot::channel();
-        if self.writes.send(ToWriter::Flush(done)).await.is_ok() {
+        if self.writes.send(ToWriter::Stop(done)).await.is_ok() {
             let _ = flushed.await;
         }
         if let Some(store) = self.store.load_full() {
@@ -416,10 +417,10 @@ impl History {
                 Some(msg) => msg,
                 None => return,
             };
-            let mut flushes = Vec::new();
+            let mut stop = None;
             let mut take = |msg: ToWriter, batch: &mut Vec<Pending>| match msg {
                 ToWriter::Write(p) => batch.push(p),
-                ToWriter::Flush(done) => flushes.push(done),
+                ToWriter::Stop(done) => stop = Some(done),
             };
             take(first, &mut batch);
             let deadline = (self.settings.durability == Durability::Batched && !self.settings.batch_delay.is_zero())
@@ -450,8 +451,11 @@ impl History {
                 }
                 batch.clear();
             }
-            for done in flushes {
+            if let Some(done) = stop {
+                // Returning drops the connection, which the pool needs back to close.
+                drop(conn);
                 let _ = done.send(());
+                return;
             }
         }
     }

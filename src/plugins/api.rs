@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaSerdeExt, StdLib, Table, Value};
 
-use super::Host;
+use super::{Host, Output};
 use crate::conn::Conn;
 use crate::protocol::{self, Frame, RoomName};
 
@@ -187,7 +187,11 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
         "send",
         lua.create_function(move |_, (id, msg): (String, Value)| {
             let frame = Frame::text(encode(&h, &msg)?);
-            Ok(h.hub.send_to(&id, frame))
+            let present = h.hub.conn(&id).is_some();
+            if present {
+                h.emit(Output::ToId(id, frame));
+            }
+            Ok(present)
         })?,
     )?;
 
@@ -215,9 +219,8 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
                 return Err(mlua::Error::runtime("a persisted message's \"seq\" is assigned by the gateway"));
             }
             let body = encode(&h, &msg)?;
-            let seq = h.broker.publish(&room, body, exclude.as_deref(), persist);
-            let seq = seq.map_or(Value::Nil, |s| Value::Integer(s as i64));
-            Ok((Value::Boolean(true), seq, Value::Nil))
+            h.emit(Output::Publish { room, body, exclude, persist });
+            Ok((Value::Boolean(true), Value::Nil, Value::Nil))
         })?,
     )?;
 
@@ -230,7 +233,8 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
                 None => None,
             };
             let frame = Frame::text(encode(&h, &msg)?);
-            Ok(h.broker.broadcast(&frame, exclude.as_deref()))
+            h.emit(Output::Broadcast { frame, exclude });
+            Ok(true)
         })?,
     )?;
 
@@ -238,7 +242,11 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     rt.raw_set(
         "error",
         lua.create_function(move |_, (id, code, message): (String, String, String)| {
-            Ok(h.hub.send_to(&id, protocol::error_frame(&code, &message)))
+            let present = h.hub.conn(&id).is_some();
+            if present {
+                h.emit(Output::ToId(id, protocol::error_frame(&code, &message)));
+            }
+            Ok(present)
         })?,
     )?;
 

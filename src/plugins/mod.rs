@@ -31,12 +31,15 @@ use crate::conn::Conn;
 use crate::error::ClientError;
 use crate::hub::{Broker, Hub};
 use crate::metrics::Metrics;
+use crate::protocol::Frame;
 use crate::protocol::RoomName;
 
-/// What scripts can reach: the hub for direct sends, the broker for fan-out.
+/// What scripts can reach: the hub to read membership, and the output queue for
+/// everything they send.
 pub struct Host {
     pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
+    /// Everything plugins send, in the order they sent it, to [`deliver_output`].
+    pub output: tokio::sync::mpsc::Sender<Output>,
     pub metrics: Arc<Metrics>,
     /// Cleans markup a script put into its output.
     pub sanitizer: Arc<crate::sanitize::Sanitizer>,
@@ -44,9 +47,51 @@ pub struct Host {
 }
 
 impl Host {
+    /// Queues output for delivery, in order. Called on plugin threads only, which may
+    /// block: when the queue is full the script waits for the fan-out to catch up.
+    pub fn emit(&self, out: Output) {
+        // Closed only at shutdown, when there is nobody left to deliver to.
+        let _ = self.output.blocking_send(out);
+    }
+
     /// `[plugins.settings.<name>]` from the configuration, as `rtgate.config`.
     fn plugin_settings(&self, plugin: &str) -> Value {
         self.settings.settings.get(plugin).cloned().unwrap_or_else(|| Value::Object(Map::new()))
+    }
+}
+
+/// One thing a plugin sends. Plugin threads do not deliver themselves: a fan-out from a
+/// thread outside the async runtime would wake every recipient's task across threads (a
+/// system call each, at worst), while inside it the wake-ups are cheap local scheduling.
+/// One queue for all kinds keeps a script's messages in the order it sent them.
+pub enum Output {
+    To(Arc<Conn>, Frame),
+    ToId(String, Frame),
+    Publish { room: RoomName, body: String, exclude: Option<String>, persist: bool },
+    Broadcast { frame: Frame, exclude: Option<String> },
+}
+
+/// Most plugin outputs waiting for delivery; a plugin thread that gets this far ahead
+/// waits (its own queue, and so its clients, absorb the back-pressure).
+pub const OUTPUT_QUEUE: usize = 65_536;
+
+/// The task that delivers plugin output, on the runtime, until every plugin is gone.
+pub async fn deliver_output(mut rx: tokio::sync::mpsc::Receiver<Output>, hub: Arc<Hub>, broker: Arc<dyn Broker>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Output::To(conn, frame) => {
+                conn.send(frame);
+            }
+            Output::ToId(id, frame) => {
+                hub.send_to(&id, frame);
+            }
+            Output::Publish { room, body, exclude, persist } => {
+                broker.publish(&room, body, exclude.as_deref(), persist);
+            }
+            Output::Broadcast { frame, exclude } => {
+                broker.broadcast(&frame, exclude.as_deref());
+            }
+        }
     }
 }
 
@@ -266,9 +311,10 @@ impl PluginHost {
 pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
     let metrics = Arc::new(Metrics::default());
     let hub = Arc::new(Hub::new(metrics.clone(), crate::history::History::disabled(metrics.clone()), usize::MAX));
-    let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
     let sanitizer = Arc::new(crate::sanitize::Sanitizer::new(&crate::config::Settings::defaults().sanitize));
-    let host = Arc::new(Host { hub, broker, metrics, sanitizer, settings: settings.clone() });
+    // Nothing is served: output (there is none while loading) goes nowhere.
+    let (output, _) = tokio::sync::mpsc::channel(1);
+    let host = Arc::new(Host { hub, output, metrics, sanitizer, settings: settings.clone() });
     let scripts = match read_scripts(&settings.dir) {
         Ok(scripts) => scripts,
         Err(e) => return vec![(settings.dir.display().to_string(), e.to_string())],

@@ -42,7 +42,9 @@ impl PluginHost {
         let changed = Arc::new(Notify::new());
         let signal = changed.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| e.paths.iter().any(|p| p.extension().is_some_and(|x| x == "lua"))) {
+            // Reading a file is an event too (our own rescans read them all): only changes count.
+            let changed = |e: &notify::Event| !matches!(e.kind, notify::EventKind::Access(_));
+            if event.is_ok_and(|e| changed(&e) && e.paths.iter().any(|p| p.extension().is_some_and(|x| x == "lua"))) {
                 signal.notify_one();
             }
         });

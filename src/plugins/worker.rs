@@ -19,7 +19,7 @@ use serde_json::Map;
 use tokio::sync::oneshot;
 
 use super::api::{self, HookMask, VmShared};
-use super::{Host, Successor};
+use super::{Host, Output, Successor};
 use crate::conn::Conn;
 use crate::error::ClientError;
 use crate::protocol::RoomName;
@@ -256,12 +256,12 @@ impl Worker {
                         Some(Value::String(m)) => m.to_string_lossy(),
                         _ => code.clone(),
                     };
-                    conn.send(ClientError::Rejected { code, message }.to_frame());
+                    self.host.emit(Output::To(conn.clone(), ClientError::Rejected { code, message }.to_frame()));
                 }
             }
             Err(failure) => {
                 self.report(kind, failure);
-                conn.send(ClientError::PluginError(kind.to_string()).to_frame());
+                self.host.emit(Output::To(conn.clone(), ClientError::PluginError(kind.to_string()).to_frame()));
             }
         }
     }

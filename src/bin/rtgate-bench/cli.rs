@@ -37,6 +37,37 @@ pub enum Command {
     Churn(ChurnArgs),
     /// Start rtgate and the seed-ws Node server and run scenarios (a)–(e) on both.
     Compare(CompareArgs),
+    /// In-process: fan-out through the chat plugin versus the same fan-out with the plugin
+    /// call skipped (the cost of the Lua hop).
+    LuaHop(LuaHopArgs),
+    /// In-process: messages persisted per second, publishing as fast as the writer keeps up.
+    History(HistoryArgs),
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct LuaHopArgs {
+    /// Room members, the publisher included.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=1_000))]
+    pub members: u32,
+    /// Messages the publisher may have sent but not yet seen come back.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub in_flight: u32,
+    /// Measured seconds per half (after a 1 s warmup).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_measure_secs)]
+    pub duration: f64,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct HistoryArgs {
+    /// Rooms published to, round-robin.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rooms: u32,
+    /// Measured seconds (after a 1 s warmup).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_measure_secs)]
+    pub duration: f64,
+    /// `per_message` (the default) or `batched`.
+    #[arg(long, default_value = "per_message", value_parser = ["per_message", "batched"])]
+    pub durability: String,
 }
 
 #[derive(Args, Debug, Clone, Serialize)]

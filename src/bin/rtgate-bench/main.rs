@@ -15,6 +15,7 @@ mod compare;
 mod error;
 mod fanout;
 mod idle;
+mod inproc;
 mod pacing;
 mod procs;
 mod report;
@@ -82,6 +83,14 @@ async fn dispatch(cli: Cli, fd_limit: u64) -> Result<bool> {
         Command::Compare(args) => {
             let r = compare::run(&args, fd_limit).await?;
             finish(out, "compare", &r, &compare::table(&r))?;
+        }
+        Command::LuaHop(args) => {
+            let r = inproc::lua_hop(&args)?;
+            finish(out, "lua-hop", &r, &inproc::lua_hop_table(&r))?;
+        }
+        Command::History(args) => {
+            let r = inproc::history(&args)?;
+            finish(out, "history", &r, &inproc::history_table(&r))?;
         }
     }
     Ok(true)

@@ -1,0 +1,324 @@
+//! Benchmarks that run the gateway inside this process, for what a black-box client cannot
+//! isolate: the cost of the Lua hop (the same fan-out with the plugin call skipped), and
+//! the rate at which history persists messages.
+//!
+//! The gateway is the real one (`rtgate::start`, the repository's plugins, the shipped
+//! settings but for rate limits and, for the history run, the database path); only the
+//! *publisher* differs between the two halves of the Lua-hop run. Subscribers are real
+//! WebSocket clients on 127.0.0.1 in the same process, so both halves pay for them alike
+//! and the ratio is what counts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::{HistoryArgs, LuaHopArgs};
+use crate::error::{BenchError, Context, Result};
+
+fn settings(history: bool, db: &Path) -> rtgate::Settings {
+    let mut s = rtgate::Settings::defaults();
+    s.server.bind = "127.0.0.1:0".parse().expect("a literal address");
+    s.plugins.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    s.history.enabled = history;
+    s.history.path = db.to_path_buf();
+    // Limits stay on the hot path with budgets no benchmark reaches.
+    for bucket in s.rate_limits.buckets.values_mut() {
+        bucket.per_minute = 1_000_000_000;
+        bucket.burst = 1_000_000_000;
+    }
+    s.limits.max_connections_per_ip = 1_000_000;
+    s.limits.new_connections_per_ip_per_second = 1_000_000;
+    s.log.filter = "warn".into();
+    s
+}
+
+/// Runs `f` on a fresh two-thread runtime (the gateway's own shape) on its own OS thread,
+/// since the caller already runs inside a single-threaded one.
+fn on_runtime<T: Send + 'static>(f: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::msg(format!("runtime: {e}")))?;
+        rt.block_on(f)
+    })
+    .join()
+    .map_err(|_| BenchError::msg("benchmark thread panicked"))?
+}
+
+#[derive(Serialize, Debug)]
+pub struct LuaHopResult {
+    pub members: u32,
+    pub in_flight: u32,
+    pub seconds: f64,
+    pub with_plugin_deliveries_per_s: f64,
+    pub plugin_skipped_deliveries_per_s: f64,
+    /// 1 − with/skipped: the share of throughput the Lua hop costs.
+    pub lua_hop_cost: f64,
+}
+
+pub fn lua_hop(args: &LuaHopArgs) -> Result<LuaHopResult> {
+    let args = args.clone();
+    on_runtime(async move {
+        // On a worker, like every other task here: the publisher must not get a thread of
+        // its own that the gateway does not.
+        tokio::spawn(lua_hop_run(args)).await.map_err(|e| BenchError::msg(e.to_string()))?
+    })
+}
+
+async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
+    {
+        let dir = tempfile_dir()?;
+        let running =
+            rtgate::start(settings(false, &dir.join("unused.db"))).await.map_err(|e| BenchError::msg(e.to_string()))?;
+        let url = format!("ws://{}/ws", running.addr);
+        let received = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        for _ in 0..args.members.saturating_sub(1) {
+            let mut ws = join(&url, "hop").await?;
+            let received = received.clone();
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if matches!(msg, Message::Text(_)) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let publisher = join(&url, "hop").await?;
+        let (mut sink, mut echoes) = publisher.split();
+        let seen = Arc::new(AtomicU64::new(0));
+        let echoed = Arc::new(tokio::sync::Notify::new());
+        let (seen_by_reader, echo) = (seen.clone(), echoed.clone());
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = echoes.next().await {
+                if matches!(msg, Message::Text(_)) {
+                    seen_by_reader.fetch_add(1, Ordering::Relaxed);
+                    echo.notify_one();
+                }
+            }
+        }));
+        let text = "x".repeat(100);
+        let frame = serde_json::json!({"type": "chat", "room": "hop", "message": text}).to_string();
+        let window = u64::from(args.in_flight);
+        let duration = Duration::from_secs_f64(args.duration);
+
+        // Through the plugin: the publisher's frames go socket → session → chat.lua → fan-out.
+        let mut sent = 0u64;
+        let with =
+            measure(&received, &seen, &echoed, duration, window, &mut sent, Driver::Socket(&mut sink, &frame)).await?;
+
+        // Plugin skipped: the same message, built once the way chat.lua builds it, handed
+        // straight to the hub's fan-out.
+        let room = rtgate::protocol::RoomName::parse("hop").map_err(|e| BenchError::msg(e.to_string()))?;
+        let body = serde_json::json!({"type": "chat_message", "clientId": "client_bench", "message": text,
+            "timestamp": 0, "room": "hop", "username": "guest-bench"})
+        .to_string();
+        let hub = &running.gateway.hub;
+        let skipped =
+            measure(&received, &seen, &echoed, duration, window, &mut sent, Driver::Hub(hub, &room, &body)).await?;
+        for r in readers {
+            r.abort();
+        }
+        running.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(LuaHopResult {
+            members: args.members,
+            in_flight: args.in_flight,
+            seconds: args.duration,
+            with_plugin_deliveries_per_s: with,
+            plugin_skipped_deliveries_per_s: skipped,
+            lua_hop_cost: 1.0 - with / skipped,
+        })
+    }
+}
+
+/// What publishes during a measurement.
+enum Driver<'a> {
+    /// A client socket sending `chat` frames.
+    Socket(&'a mut futures_util::stream::SplitSink<Ws, Message>, &'a str),
+    /// The hub's fan-out, called directly with an already serialized message.
+    Hub(&'a rtgate::hub::Hub, &'a rtgate::protocol::RoomName, &'a str),
+}
+
+/// Keeps `window` messages in flight (sent but not yet echoed to the publisher) for a
+/// warm-up second and then `duration`, and returns deliveries/s over the measured part.
+async fn measure(
+    received: &AtomicU64,
+    seen: &AtomicU64,
+    echoed: &tokio::sync::Notify,
+    duration: Duration,
+    window: u64,
+    sent: &mut u64,
+    mut driver: Driver<'_>,
+) -> Result<f64> {
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    let mut start: Option<(Instant, u64)> = None;
+    loop {
+        let now = Instant::now();
+        if start.is_none() && now >= warm_until {
+            start = Some((now, received.load(Ordering::Relaxed) + seen.load(Ordering::Relaxed)));
+        }
+        if let Some((t0, r0)) = start
+            && now.duration_since(t0) >= duration
+        {
+            let total = received.load(Ordering::Relaxed) + seen.load(Ordering::Relaxed) - r0;
+            // Let what is in flight land before the next phase starts counting.
+            let drain_until = Instant::now() + Duration::from_secs(10);
+            while seen.load(Ordering::Relaxed) < *sent && Instant::now() < drain_until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            return Ok(total as f64 / now.duration_since(t0).as_secs_f64());
+        }
+        if *sent - seen.load(Ordering::Relaxed) < window {
+            match &mut driver {
+                Driver::Socket(sink, frame) => {
+                    sink.send(Message::text(frame.to_string())).await.context("publishing")?;
+                }
+                Driver::Hub(hub, room, body) => {
+                    hub.publish(room, body.to_string(), None, false);
+                }
+            }
+            *sent += 1;
+        } else {
+            // Sleep until an echo frees a slot (bounded, so the clock checks above still run).
+            let _ = tokio::time::timeout(Duration::from_millis(50), echoed.notified()).await;
+        }
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects, joins `room`, and reads until `room_joined`.
+async fn join(url: &str, room: &str) -> Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.context("connecting")?;
+    ws.send(Message::text(format!("{{\"type\":\"join_room\",\"room\":\"{room}\"}}"))).await.context("joining")?;
+    while let Some(msg) = ws.next().await {
+        if let Message::Text(t) = msg.context("reading")?
+            && t.as_str().contains("\"room_joined\"")
+        {
+            return Ok(ws);
+        }
+    }
+    Err(BenchError::msg("connection closed while joining"))
+}
+
+#[derive(Serialize, Debug)]
+pub struct HistoryResult {
+    pub durability: String,
+    pub rooms: u32,
+    pub seconds: f64,
+    pub persisted_per_s: f64,
+    pub mean_batch_rows: f64,
+    pub mean_commit_ms: f64,
+    pub database: String,
+}
+
+/// Publishes as fast as the writer keeps up into `rooms` rooms (no subscribers: this is
+/// the persistence path alone) and counts committed rows.
+pub fn history(args: &HistoryArgs) -> Result<HistoryResult> {
+    let args = args.clone();
+    on_runtime(async move {
+        let dir = tempfile_dir()?;
+        let db = dir.join("history.db");
+        let mut s = settings(true, &db);
+        s.history.durability = match args.durability.as_str() {
+            "batched" => rtgate::config::Durability::Batched,
+            _ => rtgate::config::Durability::PerMessage,
+        };
+        let running = rtgate::start(s).await.map_err(|e| BenchError::msg(e.to_string()))?;
+        let gw = running.gateway.clone();
+        let metrics = gw.metrics.clone();
+        let rooms: Vec<rtgate::protocol::RoomName> = (0..args.rooms)
+            .map(|i| rtgate::protocol::RoomName::parse(&format!("h{i}")).map_err(|e| BenchError::msg(e.to_string())))
+            .collect::<Result<_>>()?;
+        let body = serde_json::json!({"type": "chat_message", "clientId": "client_bench", "message": "x".repeat(100),
+            "timestamp": 0, "username": "guest-bench"})
+        .to_string();
+        // Never more than this many published and not yet committed: the writer's queue
+        // (65,536) must not overflow, or messages would be delivered unstored.
+        let window = 16_384u64;
+        let rows = || metrics.history_rows.load(Ordering::Relaxed);
+        let run = |seconds: f64| {
+            let (gw, rooms, body) = (gw.clone(), rooms.clone(), body.clone());
+            let metrics = metrics.clone();
+            async move {
+                let until = Instant::now() + Duration::from_secs_f64(seconds);
+                let mut published = 0u64;
+                let base = metrics.history_rows.load(Ordering::Relaxed);
+                while Instant::now() < until {
+                    if published - (metrics.history_rows.load(Ordering::Relaxed) - base) >= window {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    for room in &rooms {
+                        gw.hub.publish(room, body.clone(), None, true);
+                    }
+                    published += rooms.len() as u64;
+                }
+            }
+        };
+        run(1.0).await;
+        let (r0, b0, c0) = (
+            rows(),
+            metrics.history_batches.load(Ordering::Relaxed),
+            metrics.history_commit_micros.load(Ordering::Relaxed),
+        );
+        let t0 = Instant::now();
+        run(args.duration).await;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (r1, b1, c1) = (
+            rows(),
+            metrics.history_batches.load(Ordering::Relaxed),
+            metrics.history_commit_micros.load(Ordering::Relaxed),
+        );
+        running.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let batches = (b1 - b0).max(1) as f64;
+        Ok(HistoryResult {
+            durability: args.durability.clone(),
+            rooms: args.rooms,
+            seconds: elapsed,
+            persisted_per_s: (r1 - r0) as f64 / elapsed,
+            mean_batch_rows: (r1 - r0) as f64 / batches,
+            mean_commit_ms: (c1 - c0) as f64 / batches / 1000.0,
+            database: db.display().to_string(),
+        })
+    })
+}
+
+/// A scratch directory under `target/` (on disk, unlike a tmpfs /tmp on some machines).
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(format!(
+        "rtgate-bench-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).context("creating a scratch directory")?;
+    Ok(dir)
+}
+
+pub fn lua_hop_table(r: &LuaHopResult) -> String {
+    format!(
+        "lua-hop ({} members, {} in flight, {:.0} s each)\n  through chat.lua      {:>12.0} deliveries/s\n  plugin call skipped   {:>12.0} deliveries/s\n  Lua hop costs         {:>11.1} % of throughput (target < 15 %)",
+        r.members,
+        r.in_flight,
+        r.seconds,
+        r.with_plugin_deliveries_per_s,
+        r.plugin_skipped_deliveries_per_s,
+        r.lua_hop_cost * 100.0
+    )
+}
+
+pub fn history_table(r: &HistoryResult) -> String {
+    format!(
+        "history ({} durability, {} rooms, {:.1} s, database on disk: {})\n  persisted             {:>12.0} messages/s (target >= 50,000)\n  mean batch            {:>12.1} rows\n  mean commit           {:>12.3} ms",
+        r.durability, r.rooms, r.seconds, r.database, r.persisted_per_s, r.mean_batch_rows, r.mean_commit_ms
+    )
+}
