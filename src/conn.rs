@@ -266,7 +266,7 @@ pub struct Conn {
     pub identity: Identity,
     /// Whose event budget this connection spends: the user's (a token's subject) or, for
     /// a guest, its own.
-    pub rate_key: Arc<str>,
+    pub budget: crate::ratelimit::Budget,
     pub outbox: Outbox,
     /// Rooms this connection is in, so that a disconnect can leave them all.
     rooms: Mutex<Vec<RoomName>>,
@@ -276,11 +276,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(identity: Identity, id: Arc<str>, rate_key: Arc<str>, outbox_capacity: usize, epoch: Instant) -> Conn {
+    pub fn new(
+        identity: Identity,
+        id: Arc<str>,
+        budget: crate::ratelimit::Budget,
+        outbox_capacity: usize,
+        epoch: Instant,
+    ) -> Conn {
         let conn = Conn {
             id,
             identity,
-            rate_key,
+            budget,
             outbox: Outbox::new(outbox_capacity),
             rooms: Mutex::new(Vec::new()),
             last_seen: AtomicU64::new(0),

@@ -144,6 +144,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 gw.hub.heartbeat(hb.timeout);
                 gw.limits.sweep();
                 gw.ip_limits.sweep();
+                release_free_memory();
             }
         })
     };
@@ -166,6 +167,17 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     }));
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
     Ok(Running { addr, gateway, stop: Some(stop), server, first_to_stop, background })
+}
+
+/// Hands memory freed since the last call back to the operating system. glibc keeps freed
+/// chunks in per-thread arenas; after a burst of connections has come and gone, that can
+/// look like growth that never ends. Once per heartbeat is cheap.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 impl Running {

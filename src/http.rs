@@ -28,7 +28,7 @@ use crate::conn::{Conn, Identity, Profile, new_client_id};
 use crate::gateway::Gateway;
 use crate::history::{HistoryError, Page};
 use crate::protocol::RoomName;
-use crate::ratelimit::IpRefusal;
+use crate::ratelimit::{Budget, IpRefusal};
 
 /// `Content-Security-Policy` for everything we serve: scripts, styles and connections
 /// from this origin only, no inline script, never framed.
@@ -292,9 +292,12 @@ async fn upgrade(
             }
         }
     };
-    let rate_key = user_id.clone();
+    let budget = match gw.auth.mode() {
+        AuthMode::Anonymous => Budget::guest(),
+        AuthMode::Jwt => Budget::User(user_id.clone()),
+    };
     let identity = Identity::new(user_id, profile);
-    let conn = Arc::new(Conn::new(identity, id, rate_key, limits.outbox_messages, gw.epoch));
+    let conn = Arc::new(Conn::new(identity, id, budget, limits.outbox_messages, gw.epoch));
     let accept = derive_accept_key(key.as_bytes());
     let guard = gw.session_guard();
     let max = limits.max_frame_bytes;

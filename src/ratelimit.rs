@@ -10,21 +10,38 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 
 use crate::config::{Bucket, LimitSettings, RateLimitSettings};
 
+/// Whose event budget a connection spends.
+pub enum Budget {
+    /// A user's, shared by all their connections (keyed by the token's subject).
+    User(Arc<str>),
+    /// A guest connection's own, created at its first event and gone with it: keying
+    /// guests in the shared tables would leave an entry per connection ever made.
+    Guest(OnceLock<Box<[DefaultDirectRateLimiter]>>),
+}
+
+impl Budget {
+    pub fn guest() -> Budget {
+        Budget::Guest(OnceLock::new())
+    }
+}
+
 pub struct EventLimits {
     enabled: bool,
-    buckets: HashMap<String, Arc<DefaultKeyedRateLimiter<Arc<str>>>>,
-    /// Event type → bucket name.
-    events: HashMap<String, String>,
-    default: Arc<DefaultKeyedRateLimiter<Arc<str>>>,
+    quotas: Vec<Quota>,
+    /// Per bucket, users' state, in the order of `quotas`.
+    users: Vec<DefaultKeyedRateLimiter<Arc<str>>>,
+    /// Event type → bucket index.
+    events: HashMap<String, usize>,
+    default: usize,
     pub disconnect_after: u32,
     clock: DefaultClock,
 }
@@ -37,37 +54,40 @@ fn quota(b: &Bucket) -> Quota {
 
 impl EventLimits {
     pub fn new(settings: &RateLimitSettings) -> EventLimits {
-        let buckets: HashMap<String, Arc<DefaultKeyedRateLimiter<Arc<str>>>> = settings
-            .buckets
-            .iter()
-            .map(|(name, b)| (name.clone(), Arc::new(DefaultKeyedRateLimiter::keyed(quota(b)))))
-            .collect();
-        let default = buckets.get("default").cloned().unwrap_or_else(|| {
-            Arc::new(DefaultKeyedRateLimiter::keyed(quota(&Bucket { per_minute: 100, burst: 100 })))
-        });
+        let names: Vec<&String> = settings.buckets.keys().collect();
+        let quotas: Vec<Quota> = settings.buckets.values().map(quota).collect();
+        let index = |name: &str| names.iter().position(|n| n.as_str() == name);
         EventLimits {
             enabled: settings.enabled,
-            buckets,
-            events: settings.events.clone().into_iter().collect(),
-            default,
+            users: quotas.iter().map(|q| DefaultKeyedRateLimiter::keyed(*q)).collect(),
+            events: settings.events.iter().filter_map(|(kind, bucket)| Some((kind.clone(), index(bucket)?))).collect(),
+            // Validated at start-up to exist.
+            default: index("default").unwrap_or(0),
+            quotas,
             disconnect_after: settings.disconnect_after,
             clock: DefaultClock::default(),
         }
     }
 
-    /// Counts one event of type `kind` for `key`; `Err(wait)` if it is over the limit.
-    pub fn check(&self, key: &Arc<str>, kind: &str) -> Result<(), Duration> {
-        if !self.enabled {
+    /// Counts one event of type `kind` against `budget`; `Err(wait)` if it is over the limit.
+    pub fn check(&self, budget: &Budget, kind: &str) -> Result<(), Duration> {
+        if !self.enabled || self.quotas.is_empty() {
             return Ok(());
         }
-        let bucket = self.events.get(kind).and_then(|b| self.buckets.get(b)).unwrap_or(&self.default);
-        bucket.check_key(key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        let bucket = self.events.get(kind).copied().unwrap_or(self.default);
+        let outcome = match budget {
+            Budget::User(key) => self.users[bucket].check_key(key),
+            Budget::Guest(own) => own
+                .get_or_init(|| self.quotas.iter().map(|q| DefaultDirectRateLimiter::direct(*q)).collect())[bucket]
+                .check(),
+        };
+        outcome.map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
-    /// Forgets keys whose buckets are full again (they behave exactly like new ones), so
+    /// Forgets users whose buckets are full again (they behave exactly like new ones), so
     /// the tables do not grow with every user ever seen.
     pub fn sweep(&self) {
-        for bucket in self.buckets.values() {
+        for bucket in &self.users {
             bucket.retain_recent();
             bucket.shrink_to_fit();
         }

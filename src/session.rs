@@ -209,7 +209,7 @@ async fn handle_frame(gw: &Gateway, conn: &Arc<Conn>, text: Option<&str>, strike
         gw.metrics.core_event(if kind.is_empty() { "invalid" } else { kind });
     }
     // Garbage counts too: a client cannot flood with malformed frames either.
-    if let Err(wait) = gw.limits.check(&conn.rate_key, kind) {
+    if let Err(wait) = gw.limits.check(&conn.budget, kind) {
         gw.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         conn.send(ClientError::RateLimited { retry_after_ms: wait.as_millis().max(1) as u64 }.to_frame());
         strikes.refused += 1;

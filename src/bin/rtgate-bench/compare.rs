@@ -155,7 +155,7 @@ async fn one(kind: ServerKind, s: Scenario, o: &CompareArgs, server_js: &Path, f
                 concurrency: o.churn_concurrency,
                 server_pid: Some(server.pid),
                 max_seconds: 600.0,
-                warmup_cycles: 2_000,
+                warmup_cycles: 20_000,
             };
             churn::run(&args).await.map(|r| Outcome::Churn(Box::new(r)))
         }

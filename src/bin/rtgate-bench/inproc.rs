@@ -98,7 +98,11 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
         let (seen_by_reader, echo) = (seen.clone(), echoed.clone());
         readers.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = echoes.next().await {
-                if matches!(msg, Message::Text(_)) {
+                // Only the publisher's own chat comes back as an echo; the replies to the
+                // frames the skipped half sends are not.
+                if let Message::Text(t) = msg
+                    && t.as_str().contains("\"chat_message\"")
+                {
                     seen_by_reader.fetch_add(1, Ordering::Relaxed);
                     echo.notify_one();
                 }
@@ -114,15 +118,26 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
         let with =
             measure(&received, &seen, &echoed, duration, window, &mut sent, Driver::Socket(&mut sink, &frame)).await?;
 
-        // Plugin skipped: the same message, built once the way chat.lua builds it, handed
-        // straight to the hub's fan-out.
+        // Plugin skipped: the publisher still sends a frame per message, which the gateway
+        // reads, parses, rate-limits and answers (`set_name`, a core event with a short
+        // reply), and the same message, built the way chat.lua builds it, goes straight to
+        // the hub's fan-out. So this half pays for the socket path too, only not for the
+        // plugin: the difference is the Lua hop (thread hand-off, conversions, script).
         let room = rtgate::protocol::RoomName::parse("hop").map_err(|e| BenchError::msg(e.to_string()))?;
         let body = serde_json::json!({"type": "chat_message", "clientId": "client_bench", "message": text,
             "timestamp": 0, "room": "hop", "username": "guest-bench"})
         .to_string();
         let hub = &running.gateway.hub;
-        let skipped =
-            measure(&received, &seen, &echoed, duration, window, &mut sent, Driver::Hub(hub, &room, &body)).await?;
+        let skipped = measure(
+            &received,
+            &seen,
+            &echoed,
+            duration,
+            window,
+            &mut sent,
+            Driver::Hub(&mut sink, r#"{"type":"set_name","name":"bench"}"#, hub, &room, &body),
+        )
+        .await?;
         for r in readers {
             r.abort();
         }
@@ -143,8 +158,15 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
 enum Driver<'a> {
     /// A client socket sending `chat` frames.
     Socket(&'a mut futures_util::stream::SplitSink<Ws, Message>, &'a str),
-    /// The hub's fan-out, called directly with an already serialized message.
-    Hub(&'a rtgate::hub::Hub, &'a rtgate::protocol::RoomName, &'a str),
+    /// A client socket sending a core event, and the hub's fan-out called directly with an
+    /// already serialized message.
+    Hub(
+        &'a mut futures_util::stream::SplitSink<Ws, Message>,
+        &'a str,
+        &'a rtgate::hub::Hub,
+        &'a rtgate::protocol::RoomName,
+        &'a str,
+    ),
 }
 
 /// Keeps `window` messages in flight (sent but not yet echoed to the publisher) for a
@@ -181,7 +203,8 @@ async fn measure(
                 Driver::Socket(sink, frame) => {
                     sink.send(Message::text(frame.to_string())).await.context("publishing")?;
                 }
-                Driver::Hub(hub, room, body) => {
+                Driver::Hub(sink, frame, hub, room, body) => {
+                    sink.send(Message::text(frame.to_string())).await.context("sending")?;
                     hub.publish(room, body.to_string(), None, false);
                 }
             }
