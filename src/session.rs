@@ -31,6 +31,7 @@ use crate::error::ClientError;
 use crate::gateway::Gateway;
 use crate::plugins::HookMask;
 use crate::protocol::{self, ClientEvent, Frame, RoomName};
+use crate::sanitize::Sanitizer;
 
 /// Batch buffers this small are released after use rather than kept.
 const SMALL_BATCH: usize = 8;
@@ -285,7 +286,7 @@ async fn dispatch(gw: &Gateway, conn: &Arc<Conn>, event: ClientEvent) -> Result<
             }
             gw.sanitizer.clean_event(&mut body);
             if let Some(Value::String(message)) = body.get("message")
-                && message.trim().is_empty()
+                && Sanitizer::is_blank(message)
             {
                 return Err(ClientError::EmptyMessage);
             }
