@@ -38,11 +38,9 @@ end
 
 rtgate.on("file_share", function(client, event)
   local room = event.room
-  if type(room) ~= "string" then
-    return "invalid_room", "\"room\" must be a room name"
-  end
-  if not rtgate.in_room(client.id, room) then
-    return "not_in_room", "You are not in room \"" .. room .. "\""
+  local code, why = rtgate.check_member(client.id, room)
+  if code then
+    return code, why
   end
   local filename = base_name(event.filename)
   if not filename then

@@ -147,8 +147,9 @@ local function relay(client, event)
   if type(room) ~= "string" then
     return "not_in_game", "You are not in a game (a relayed move needs a \"room\")"
   end
-  if not rtgate.in_room(client.id, room) then
-    return "not_in_room", "You are not in room \"" .. room .. "\""
+  local code, why = rtgate.check_member(client.id, room)
+  if code then
+    return code, why
   end
   event.type = "opponent_move"
   event.userId = client.userId

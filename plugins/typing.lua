@@ -36,14 +36,11 @@ local function stop(client_id, user_id, room)
 end
 
 local function check_room(client, event)
-  local room = event.room
-  if type(room) ~= "string" then
-    return nil, "invalid_room", "\"room\" must be a room name"
+  local code, why = rtgate.check_member(client.id, event.room)
+  if code then
+    return nil, code, why
   end
-  if not rtgate.in_room(client.id, room) then
-    return nil, "not_in_room", "You are not in room \"" .. room .. "\""
-  end
-  return room
+  return event.room
 end
 
 rtgate.on("typing_start", function(client, event)

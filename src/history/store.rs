@@ -20,6 +20,7 @@ use crate::config::{HistorySettings, Synchronous};
 /// Rows per multi-row INSERT: SQLite allows 32,766 bound parameters; 4 per row.
 const ROWS_PER_INSERT: usize = 128;
 const PAGE_BYTES: u64 = 4096;
+const PAGE_BEFORE: &str = "SELECT seq, body FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,34 +140,23 @@ impl Store {
         limit: u32,
     ) -> Result<(Vec<(u64, String)>, bool, bool), StoreError> {
         let fetch = i64::from(limit) + 1;
-        let mut rows: Vec<(u64, String)> = match page {
+        // The latest page is the page before a sequence number no room reaches.
+        let (sql, bound) = match page {
             Page::After(after) => {
-                sqlx::query("SELECT seq, body FROM messages WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?")
-                    .bind(room)
-                    .bind(after as i64)
-                    .bind(fetch)
-                    .fetch_all(&self.pool)
-                    .await?
+                ("SELECT seq, body FROM messages WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?", after as i64)
             }
-            Page::Before(before) => {
-                sqlx::query("SELECT seq, body FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
-                    .bind(room)
-                    .bind(before as i64)
-                    .bind(fetch)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            Page::Latest => {
-                sqlx::query("SELECT seq, body FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?")
-                    .bind(room)
-                    .bind(fetch)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        }
-        .iter()
-        .map(|r| (r.get::<i64, _>(0) as u64, r.get::<String, _>(1)))
-        .collect();
+            Page::Before(before) => (PAGE_BEFORE, before as i64),
+            Page::Latest => (PAGE_BEFORE, i64::MAX),
+        };
+        let mut rows: Vec<(u64, String)> = sqlx::query(sql)
+            .bind(room)
+            .bind(bound)
+            .bind(fetch)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get::<i64, _>(0) as u64, r.get::<String, _>(1)))
+            .collect();
         let overflow = rows.len() > limit as usize;
         rows.truncate(limit as usize);
         if !matches!(page, Page::After(_)) {
@@ -184,20 +174,15 @@ impl Store {
     }
 
     async fn exists_before(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq < ?)")
-            .bind(room)
-            .bind(seq as i64)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.get::<i64, _>(0) != 0)
+        self.exists("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq < ?)", room, seq).await
     }
 
     async fn exists_after(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq > ?)")
-            .bind(room)
-            .bind(seq as i64)
-            .fetch_one(&self.pool)
-            .await?;
+        self.exists("SELECT EXISTS (SELECT 1 FROM messages WHERE room = ? AND seq > ?)", room, seq).await
+    }
+
+    async fn exists(&self, sql: &'static str, room: &str, seq: u64) -> Result<bool, StoreError> {
+        let row = sqlx::query(sql).bind(room).bind(seq as i64).fetch_one(&self.pool).await?;
         Ok(row.get::<i64, _>(0) != 0)
     }
 

@@ -276,6 +276,23 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
 
     let h = host.clone();
     rt.raw_set(
+        "check_member",
+        lua.create_function(move |_, (id, room): (String, Value)| {
+            // Returns nothing when `id` may act in `room`, else the error to return.
+            let Value::String(room) = room else {
+                return Ok((Some("invalid_room".to_string()), Some("\"room\" must be a room name".to_string())));
+            };
+            let room = room.to_string_lossy();
+            match RoomName::parse(&room) {
+                Ok(name) if h.hub.conn(&id).is_some_and(|c| c.in_room(&name)) => Ok((None, None)),
+                Ok(_) => Ok((Some("not_in_room".to_string()), Some(format!("You are not in room \"{room}\"")))),
+                Err(e) => Ok((Some(e.code().to_string()), Some(e.to_string()))),
+            }
+        })?,
+    )?;
+
+    let h = host.clone();
+    rt.raw_set(
         "client",
         lua.create_function(move |lua, id: String| match h.hub.conn(&id) {
             Some(conn) => Ok(Value::Table(client_table(lua, &conn)?)),
