@@ -220,40 +220,45 @@ impl Store {
         for r in rooms {
             let (name, last): (String, i64) = (r.get(0), r.get(1));
             let cutoff = last - keep as i64;
-            loop {
-                let n = sqlx::query(
-                    "DELETE FROM messages WHERE room = ? AND seq IN \
-                     (SELECT seq FROM messages WHERE room = ? AND seq <= ? ORDER BY seq LIMIT ?)",
-                )
-                .bind(&name)
-                .bind(&name)
-                .bind(cutoff)
-                .bind(chunk)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-                deleted += n;
-                if n < chunk as u64 {
-                    break;
-                }
-            }
+            deleted += self
+                .delete_in_chunks(chunk, || {
+                    sqlx::query(
+                        "DELETE FROM messages WHERE room = ? AND seq IN \
+                         (SELECT seq FROM messages WHERE room = ? AND seq <= ? ORDER BY seq LIMIT ?)",
+                    )
+                    .bind(name.clone())
+                    .bind(name.clone())
+                    .bind(cutoff)
+                    .bind(chunk)
+                })
+                .await?;
         }
         Ok(deleted)
     }
 
     /// Retention by age: deletes, in chunks, messages created before `cutoff_ms`.
     pub async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        loop {
-            let n = sqlx::query(
+        self.delete_in_chunks(chunk, || {
+            sqlx::query(
                 "DELETE FROM messages WHERE (room, seq) IN \
                  (SELECT room, seq FROM messages WHERE created_ms < ? LIMIT ?)",
             )
             .bind(cutoff_ms)
             .bind(chunk)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        })
+        .await
+    }
+
+    /// Runs a `DELETE … LIMIT chunk` until it deletes fewer than `chunk` rows: small
+    /// transactions, so the writer never waits long for the database.
+    async fn delete_in_chunks<'q>(
+        &self,
+        chunk: i64,
+        query: impl Fn() -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let n = query().execute(&self.pool).await?.rows_affected();
             deleted += n;
             if n < chunk as u64 {
                 return Ok(deleted);
