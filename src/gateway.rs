@@ -109,9 +109,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let mut background = history.start_tasks(hub.clone());
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
     let (output, plugin_output) = tokio::sync::mpsc::channel(crate::plugins::OUTPUT_QUEUE);
-    background.push(tokio::spawn(crate::plugins::deliver_output(plugin_output, hub.clone(), broker)));
+    background.push(tokio::spawn(crate::plugins::deliver_output(plugin_output, hub.clone(), broker.clone())));
     let host = Arc::new(Host {
         hub: hub.clone(),
+        broker,
         output,
         metrics: metrics.clone(),
         sanitizer: sanitizer.clone(),

@@ -81,6 +81,7 @@ pub struct Metrics {
     pub plugin_errors: AtomicU64,
     pub plugin_timeouts: AtomicU64,
     pub plugin_busy: AtomicU64,
+    pub plugin_events_on_thread: AtomicU64,
     pub plugin_call_us: Histogram,
     pub history_batches: AtomicU64,
     pub history_rows: AtomicU64,
@@ -114,6 +115,7 @@ impl Default for Metrics {
             plugin_errors: AtomicU64::new(0),
             plugin_timeouts: AtomicU64::new(0),
             plugin_busy: AtomicU64::new(0),
+            plugin_events_on_thread: AtomicU64::new(0),
             plugin_call_us: Histogram::new(LATENCY_US),
             history_batches: AtomicU64::new(0),
             history_rows: AtomicU64::new(0),
@@ -206,6 +208,12 @@ impl Metrics {
             "counter",
             "Events refused because a plugin queue was full.",
             get(&self.plugin_busy),
+        );
+        one(
+            "rtgate_plugin_events_on_thread_total",
+            "counter",
+            "Client events run on their plugin's own thread: the plugin was busy, or sent there after a slow call. The rest ran on the runtime worker that received them.",
+            get(&self.plugin_events_on_thread),
         );
         one("rtgate_history_rows_total", "counter", "Messages committed to history.", get(&self.history_rows));
         one(

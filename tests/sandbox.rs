@@ -109,6 +109,31 @@ async fn runaway_handlers_are_stopped_and_chat_carries_on() {
     assert!(body.contains("\"ok\""), "{body}");
 }
 
+/// A quick plugin's events run on the runtime worker that received them; once a call ran
+/// past its budget, the plugin's events go to its own thread, where a runaway script
+/// occupies nothing but that thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_ran_long_is_kept_on_its_own_thread() {
+    let (gw, _dir) = sandbox_gateway(&[("runaway.lua", RUNAWAY)], |s| {
+        s.plugins.time_budget = Duration::from_millis(50);
+    })
+    .await;
+    let on_thread = "rtgate_plugin_events_on_thread_total";
+    let mut c = gw.client().await;
+    for _ in 0..3 {
+        c.send(json!({"type": "ok"})).await;
+        c.expect("ok").await;
+    }
+    assert_eq!(gw.metric(on_thread).await, 0.0);
+    c.expect_error(json!({"type": "spin"}), "plugin_error").await;
+    let before = gw.metric(on_thread).await;
+    for _ in 0..3 {
+        c.send(json!({"type": "ok"})).await;
+        c.expect("ok").await;
+    }
+    assert_eq!(gw.metric(on_thread).await, before + 3.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_hits_the_limit_and_chat_carries_on() {
     let (gw, _dir) = sandbox_gateway(&[("greedy.lua", GREEDY)], |s| {

@@ -5,16 +5,16 @@
 //! socket. Scripts get nothing else from the host: no files, no processes, no `require`,
 //! no bytecode loading; see `docs/plugins.md` for the contract and `sandbox` for the list.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{BinaryHeap, HashMap};
-use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaSerdeExt, StdLib, Table, Value};
+use parking_lot::Mutex;
 
-use super::{Host, Output};
+use super::{Host, Outlet, Output};
 use crate::conn::Conn;
 use crate::protocol::{self, Frame, RoomName};
 
@@ -50,13 +50,13 @@ impl std::fmt::Display for HookMask {
 /// State shared between the worker and the functions it installed into its VM.
 #[derive(Default)]
 pub struct VmShared {
-    pub handlers: RefCell<HashMap<String, Function>>,
-    pub hooks: RefCell<[Option<Function>; 4]>,
-    pub export_state: RefCell<Option<Function>>,
-    pub import_state: RefCell<Option<Function>>,
+    pub handlers: Mutex<HashMap<String, Function>>,
+    pub hooks: Mutex<[Option<Function>; 4]>,
+    pub export_state: Mutex<Option<Function>>,
+    pub import_state: Mutex<Option<Function>>,
     /// Registration is only allowed while the script's top level runs.
-    pub loading: Cell<bool>,
-    pub timers: RefCell<Timers>,
+    pub loading: AtomicBool,
+    pub timers: Mutex<Timers>,
 }
 
 #[derive(Default)]
@@ -67,6 +67,11 @@ pub struct Timers {
 }
 
 impl Timers {
+    /// How many timers were ever armed (a change across a call means it armed one).
+    pub fn armed(&self) -> u64 {
+        self.next_id
+    }
+
     /// The earliest deadline of a timer that is still armed.
     pub fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(std::cmp::Reverse((at, id))) = self.due.peek().copied() {
@@ -98,7 +103,7 @@ const MAX_TIMERS: usize = 100_000;
 
 /// Creates a VM with only the safe standard libraries and the `rtgate` table installed,
 /// then seals it (`sandbox`) so the script cannot alter built-ins.
-pub fn new_vm(host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShared>) -> mlua::Result<Lua> {
+pub fn new_vm(outlet: &Arc<Outlet>, plugin: &Arc<str>, shared: &Arc<VmShared>) -> mlua::Result<Lua> {
     let libs = StdLib::COROUTINE
         | StdLib::TABLE
         | StdLib::STRING
@@ -124,20 +129,21 @@ pub fn new_vm(host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShared>) -> mlu
             Ok(())
         })?,
     )?;
-    globals.raw_set("rtgate", api_table(&lua, host, plugin, shared)?)?;
+    globals.raw_set("rtgate", api_table(&lua, outlet, plugin, shared)?)?;
     lua.sandbox(true)?;
     Ok(lua)
 }
 
 /// Compiles and runs the script's top level, which registers its handlers.
 pub fn load_script(lua: &Lua, shared: &VmShared, file_name: &str, source: &str) -> mlua::Result<()> {
-    shared.loading.set(true);
+    shared.loading.store(true, Ordering::Relaxed);
     let result = lua.load(source).set_name(format!("={file_name}")).set_mode(ChunkMode::Text).exec();
-    shared.loading.set(false);
+    shared.loading.store(false, Ordering::Relaxed);
     result
 }
 
-fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShared>) -> mlua::Result<Table> {
+fn api_table(lua: &Lua, outlet: &Arc<Outlet>, plugin: &Arc<str>, shared: &Arc<VmShared>) -> mlua::Result<Table> {
+    let host = &outlet.host;
     let rt = lua.create_table()?;
     rt.raw_set("null", lua.null())?;
     rt.raw_set("plugin", &**plugin)?;
@@ -146,13 +152,13 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     rt.raw_set(
         "on",
         lua.create_function(move |_, (kind, f): (String, Function)| {
-            if !s.loading.get() {
+            if !s.loading.load(Ordering::Relaxed) {
                 return Err(mlua::Error::runtime("rtgate.on may only be called while the script loads"));
             }
             if kind.is_empty() || kind.len() > 64 || matches!(kind.as_str(), "join_room" | "leave_room") {
                 return Err(mlua::Error::runtime(format!("cannot register a handler for \"{kind}\"")));
             }
-            s.handlers.borrow_mut().insert(kind, f);
+            s.handlers.lock().insert(kind, f);
             Ok(())
         })?,
     )?;
@@ -161,10 +167,10 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
         rt.raw_set(
             name,
             lua.create_function(move |_, f: Function| {
-                if !s.loading.get() {
+                if !s.loading.load(Ordering::Relaxed) {
                     return Err(mlua::Error::runtime("hooks may only be registered while the script loads"));
                 }
-                s.hooks.borrow_mut()[slot] = Some(f);
+                s.hooks.lock()[slot] = Some(f);
                 Ok(())
             })?,
         )?;
@@ -173,29 +179,29 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     rt.raw_set(
         "on_state",
         lua.create_function(move |_, (export, import): (Function, Function)| {
-            if !s.loading.get() {
+            if !s.loading.load(Ordering::Relaxed) {
                 return Err(mlua::Error::runtime("rtgate.on_state may only be called while the script loads"));
             }
-            *s.export_state.borrow_mut() = Some(export);
-            *s.import_state.borrow_mut() = Some(import);
+            *s.export_state.lock() = Some(export);
+            *s.import_state.lock() = Some(import);
             Ok(())
         })?,
     )?;
 
-    let h = host.clone();
+    let o = outlet.clone();
     rt.raw_set(
         "send",
         lua.create_function(move |_, (id, msg): (String, Value)| {
-            let frame = Frame::text(encode(&h, &msg)?);
-            let present = h.hub.conn(&id).is_some();
+            let frame = Frame::text(encode(&o.host, &msg)?);
+            let present = o.host.hub.conn(&id).is_some();
             if present {
-                h.emit(Output::ToId(id, frame));
+                o.emit(Output::ToId(id, frame));
             }
             Ok(present)
         })?,
     )?;
 
-    let h = host.clone();
+    let o = outlet.clone();
     rt.raw_set(
         "publish",
         lua.create_function(move |lua, (room, msg, opts): (String, Value, Option<Table>)| {
@@ -218,13 +224,13 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
             {
                 return Err(mlua::Error::runtime("a persisted message's \"seq\" is assigned by the gateway"));
             }
-            let body = encode(&h, &msg)?;
-            h.emit(Output::Publish { room, body, exclude, persist });
+            let body = encode(&o.host, &msg)?;
+            o.emit(Output::Publish { room, body, exclude, persist });
             Ok((Value::Boolean(true), Value::Nil, Value::Nil))
         })?,
     )?;
 
-    let h = host.clone();
+    let o = outlet.clone();
     rt.raw_set(
         "broadcast",
         lua.create_function(move |_, (msg, opts): (Value, Option<Table>)| {
@@ -232,19 +238,19 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
                 Some(o) => o.raw_get("exclude")?,
                 None => None,
             };
-            let frame = Frame::text(encode(&h, &msg)?);
-            h.emit(Output::Broadcast { frame, exclude });
+            let frame = Frame::text(encode(&o.host, &msg)?);
+            o.emit(Output::Broadcast { frame, exclude });
             Ok(true)
         })?,
     )?;
 
-    let h = host.clone();
+    let o = outlet.clone();
     rt.raw_set(
         "error",
         lua.create_function(move |_, (id, code, message): (String, String, String)| {
-            let present = h.hub.conn(&id).is_some();
+            let present = o.host.hub.conn(&id).is_some();
             if present {
-                h.emit(Output::ToId(id, protocol::error_frame(&code, &message)));
+                o.emit(Output::ToId(id, protocol::error_frame(&code, &message)));
             }
             Ok(present)
         })?,
@@ -337,7 +343,7 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
             if !(0.0..=86_400_000.0).contains(&ms) {
                 return Err(mlua::Error::runtime("rtgate.after: delay must be 0 to 86400000 ms"));
             }
-            let mut timers = s.timers.borrow_mut();
+            let mut timers = s.timers.lock();
             if timers.callbacks.len() >= MAX_TIMERS {
                 return Err(mlua::Error::runtime("rtgate.after: too many timers"));
             }
@@ -353,7 +359,7 @@ fn api_table(lua: &Lua, host: &Arc<Host>, plugin: &Arc<str>, shared: &Rc<VmShare
     rt.raw_set(
         "cancel",
         lua.create_function(move |_, id: Option<u64>| {
-            Ok(id.is_some_and(|id| s.timers.borrow_mut().callbacks.remove(&id).is_some()))
+            Ok(id.is_some_and(|id| s.timers.lock().callbacks.remove(&id).is_some()))
         })?,
     )?;
 

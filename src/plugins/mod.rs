@@ -14,7 +14,7 @@ mod worker;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc as StdArc, OnceLock};
 
@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 pub use api::HookMask;
 pub use reload::Watching;
-use worker::{Job, Registered, Worker};
+use worker::{Core, Job, Registered, Worker};
 
 use crate::config::PluginSettings;
 use crate::conn::Conn;
@@ -34,12 +34,13 @@ use crate::metrics::Metrics;
 use crate::protocol::Frame;
 use crate::protocol::RoomName;
 
-/// What scripts can reach: the hub to read membership, and the output queue for
-/// everything they send.
+/// What scripts can reach: the hub to read membership, the broker to fan out, and the
+/// output queue.
 pub struct Host {
     pub hub: Arc<Hub>,
-    /// Everything plugins send, in the order they sent it, to [`deliver_output`].
-    pub output: tokio::sync::mpsc::Sender<Output>,
+    pub broker: Arc<dyn Broker>,
+    /// Output of calls run on plugin threads, in order, to [`deliver_output`].
+    pub output: tokio::sync::mpsc::Sender<Queued>,
     pub metrics: Arc<Metrics>,
     /// Cleans markup a script put into its output.
     pub sanitizer: Arc<crate::sanitize::Sanitizer>,
@@ -47,23 +48,13 @@ pub struct Host {
 }
 
 impl Host {
-    /// Queues output for delivery, in order. Called on plugin threads only, which may
-    /// block: when the queue is full the script waits for the fan-out to catch up.
-    pub fn emit(&self, out: Output) {
-        // Closed only at shutdown, when there is nobody left to deliver to.
-        let _ = self.output.blocking_send(out);
-    }
-
     /// `[plugins.settings.<name>]` from the configuration, as `rtgate.config`.
     fn plugin_settings(&self, plugin: &str) -> Value {
         self.settings.settings.get(plugin).cloned().unwrap_or_else(|| Value::Object(Map::new()))
     }
 }
 
-/// One thing a plugin sends. Plugin threads do not deliver themselves: a fan-out from a
-/// thread outside the async runtime would wake every recipient's task across threads (a
-/// system call each, at worst), while inside it the wake-ups are cheap local scheduling.
-/// One queue for all kinds keeps a script's messages in the order it sent them.
+/// One thing a plugin sends.
 pub enum Output {
     To(Arc<Conn>, Frame),
     ToId(String, Frame),
@@ -71,27 +62,66 @@ pub enum Output {
     Broadcast { frame: Frame, exclude: Option<String> },
 }
 
+/// Output on its way from a plugin thread, with its plugin's count of output not yet
+/// delivered.
+pub struct Queued {
+    unsent: Arc<AtomicUsize>,
+    out: Output,
+}
+
+/// One plugin's way out. A call running on a runtime worker delivers at once: fan-out
+/// inside the runtime makes waking each recipient cheap local scheduling, and the call
+/// only runs there when none of the plugin's earlier output is still queued, so order
+/// holds. A call on the plugin's own thread queues its output to [`deliver_output`]
+/// instead: fanning out from a thread outside the runtime would wake every recipient's
+/// task across threads (a system call each, at worst).
+pub struct Outlet {
+    pub host: Arc<Host>,
+    unsent: Arc<AtomicUsize>,
+}
+
+impl Outlet {
+    pub fn emit(&self, out: Output) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            deliver(&self.host.hub, &*self.host.broker, out);
+            return;
+        }
+        self.unsent.fetch_add(1, Ordering::AcqRel);
+        // Blocks the plugin thread when the queue is full: the script waits for the fan-out
+        // to catch up. Closed only at shutdown, when there is nobody left to deliver to.
+        if self.host.output.blocking_send(Queued { unsent: self.unsent.clone(), out }).is_err() {
+            self.unsent.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn deliver(hub: &Hub, broker: &dyn Broker, out: Output) {
+    match out {
+        Output::To(conn, frame) => {
+            conn.send(frame);
+        }
+        Output::ToId(id, frame) => {
+            hub.send_to(&id, frame);
+        }
+        Output::Publish { room, body, exclude, persist } => {
+            broker.publish(&room, body, exclude.as_deref(), persist);
+        }
+        Output::Broadcast { frame, exclude } => {
+            broker.broadcast(&frame, exclude.as_deref());
+        }
+    }
+}
+
 /// Most plugin outputs waiting for delivery; a plugin thread that gets this far ahead
 /// waits (its own queue, and so its clients, absorb the back-pressure).
 pub const OUTPUT_QUEUE: usize = 65_536;
 
-/// The task that delivers plugin output, on the runtime, until every plugin is gone.
-pub async fn deliver_output(mut rx: tokio::sync::mpsc::Receiver<Output>, hub: Arc<Hub>, broker: Arc<dyn Broker>) {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Output::To(conn, frame) => {
-                conn.send(frame);
-            }
-            Output::ToId(id, frame) => {
-                hub.send_to(&id, frame);
-            }
-            Output::Publish { room, body, exclude, persist } => {
-                broker.publish(&room, body, exclude.as_deref(), persist);
-            }
-            Output::Broadcast { frame, exclude } => {
-                broker.broadcast(&frame, exclude.as_deref());
-            }
-        }
+/// The task that delivers plugin threads' output, on the runtime, until every plugin is
+/// gone.
+pub async fn deliver_output(mut rx: tokio::sync::mpsc::Receiver<Queued>, hub: Arc<Hub>, broker: Arc<dyn Broker>) {
+    while let Some(Queued { unsent, out }) = rx.recv().await {
+        deliver(&hub, &*broker, out);
+        unsent.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -110,8 +140,18 @@ pub struct Plugin {
     pub registered: Registered,
     /// The script as loaded, to tell whether a file on disk changed.
     source: String,
+    core: Arc<parking_lot::Mutex<Core>>,
     jobs: Sender<Job>,
+    /// Client events queued for the thread (bounded by `queue`).
     pending: Arc<AtomicUsize>,
+    /// Jobs of any kind queued for the thread.
+    queued: Arc<AtomicUsize>,
+    /// Output of the thread's calls not yet delivered.
+    unsent: Arc<AtomicUsize>,
+    /// False until a reloaded version has imported its predecessor's state.
+    ready: Arc<AtomicBool>,
+    /// Set when the plugin is being stopped or replaced.
+    retired: AtomicBool,
     queue: usize,
     /// Events received per registered type, for /metrics.
     counts: HashMap<Arc<str>, std::sync::atomic::AtomicU64>,
@@ -132,6 +172,7 @@ enum SendFailure {
 pub(crate) struct Successor {
     jobs: Sender<Job>,
     pending: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Successor {
@@ -139,6 +180,7 @@ impl Successor {
         if let Job::Event { .. } = job {
             self.pending.fetch_add(1, Ordering::Relaxed);
         }
+        self.queued.fetch_add(1, Ordering::AcqRel);
         let _ = self.jobs.send(job);
     }
 }
@@ -146,9 +188,19 @@ impl Successor {
 impl Plugin {
     /// Lets the worker finish its queue, stops it, and returns the script's exported state.
     async fn retire(&self) -> Option<Value> {
+        self.retired.store(true, Ordering::Release);
         let (reply, done) = oneshot::channel();
         self.jobs.send(Job::Retire { reply }).ok()?;
         done.await.ok().flatten()
+    }
+
+    /// Queues a job for the plugin's thread.
+    fn send_job(&self, job: Job) -> Result<(), Job> {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.jobs.send(job).map_err(|mpsc::SendError(job)| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            job
+        })
     }
 
     fn send_event(&self, conn: &Arc<Conn>, kind: Arc<str>, body: Map<String, Value>) -> Result<(), SendFailure> {
@@ -158,10 +210,9 @@ impl Plugin {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             return Err(SendFailure::Full);
         }
-        let job = Job::Event { conn: conn.clone(), kind, body };
-        match self.jobs.send(job) {
+        match self.send_job(Job::Event { conn: conn.clone(), kind, body }) {
             Ok(()) => Ok(()),
-            Err(mpsc::SendError(Job::Event { body, .. })) => {
+            Err(Job::Event { body, .. }) => {
                 self.pending.fetch_sub(1, Ordering::Relaxed);
                 Err(SendFailure::Stopped(body))
             }
@@ -169,8 +220,38 @@ impl Plugin {
         }
     }
 
+    /// Runs the event here, on the calling runtime worker, if the plugin is idle and has
+    /// been quick (`Core::may_run_inline`); otherwise hands the event back to be queued.
+    /// Idle means nothing is queued for its thread and none of its output is waiting, so
+    /// running now cannot overtake anything that came before.
+    fn try_inline(&self, conn: &Arc<Conn>, kind: &str, body: Map<String, Value>) -> Result<(), Map<String, Value>> {
+        let idle = || {
+            self.ready.load(Ordering::Acquire)
+                && !self.retired.load(Ordering::Acquire)
+                && self.queued.load(Ordering::Acquire) == 0
+                && self.unsent.load(Ordering::Acquire) == 0
+        };
+        if !idle() {
+            return Err(body);
+        }
+        let Some(mut core) = self.core.try_lock() else { return Err(body) };
+        // Again under the lock: the thread may have taken a job meanwhile and finished it.
+        if !idle() || !core.may_run_inline() {
+            return Err(body);
+        }
+        let armed = core.timers_armed();
+        core.event(conn, kind, body);
+        let armed_now = core.timers_armed() != armed;
+        drop(core);
+        if armed_now {
+            // The thread may be asleep until a later deadline, or with none at all.
+            let _ = self.send_job(Job::Wake);
+        }
+        Ok(())
+    }
+
     fn successor(&self) -> Successor {
-        Successor { jobs: self.jobs.clone(), pending: self.pending.clone() }
+        Successor { jobs: self.jobs.clone(), pending: self.pending.clone(), queued: self.queued.clone() }
     }
 }
 
@@ -243,6 +324,10 @@ impl PluginHost {
             if let Some(count) = plugin.counts.get(kind) {
                 count.fetch_add(1, Ordering::Relaxed);
             }
+            body = match plugin.try_inline(conn, kind, body) {
+                Ok(()) => return Ok(()),
+                Err(body) => body,
+            };
             match plugin.send_event(conn, kind.clone(), body) {
                 Ok(()) => return Ok(()),
                 Err(SendFailure::Full) => break,
@@ -259,7 +344,7 @@ impl PluginHost {
         for plugin in &self.registry.load().plugins {
             if plugin.registered.hooks.has(hook) {
                 let job = Job::Hook { hook, conn: conn.clone(), room: room.cloned() };
-                if let Err(mpsc::SendError(job)) = plugin.jobs.send(job) {
+                if let Err(job) = plugin.send_job(job) {
                     // The worker stopped between our reading the table and sending: a reload
                     // just replaced it. Hooks must not be lost (a game must hear of a
                     // disconnect), so hand it to whoever now has this plugin's name.
@@ -271,7 +356,7 @@ impl PluginHost {
 
     fn resend_hook(&self, name: &str, job: Job) {
         if let Some(current) = self.registry.load().plugins.iter().find(|p| &*p.name == name) {
-            let _ = current.jobs.send(job);
+            let _ = current.send_job(job);
         }
     }
 
@@ -314,7 +399,8 @@ pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
     let sanitizer = Arc::new(crate::sanitize::Sanitizer::new(&crate::config::Settings::defaults().sanitize));
     // Nothing is served: output (there is none while loading) goes nowhere.
     let (output, _) = tokio::sync::mpsc::channel(1);
-    let host = Arc::new(Host { hub, output, metrics, sanitizer, settings: settings.clone() });
+    let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
+    let host = Arc::new(Host { hub, broker, output, metrics, sanitizer, settings: settings.clone() });
     let scripts = match read_scripts(&settings.dir) {
         Ok(scripts) => scripts,
         Err(e) => return vec![(settings.dir.display().to_string(), e.to_string())],
@@ -377,35 +463,48 @@ async fn spawn(
     state: Option<oneshot::Receiver<Option<Value>>>,
 ) -> Result<Arc<Plugin>, String> {
     let (jobs, queue) = mpsc::channel();
-    let (ready, loaded) = oneshot::channel();
+    let (loaded_tx, loaded) = oneshot::channel();
     let pending = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(AtomicUsize::new(0));
+    // A reloaded version waits for its predecessor's state before it may run anything.
+    let ready = Arc::new(AtomicBool::new(state.is_none()));
+    let outlet = Arc::new(Outlet { host: host.clone(), unsent: Arc::new(AtomicUsize::new(0)) });
+    let unsent = outlet.unsent.clone();
     let successor: StdArc<OnceLock<Successor>> = StdArc::default();
     let forward = successor.clone();
     let file_name = script.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let (h, name, source, p) = (host.clone(), script.name.clone(), script.source.clone(), pending.clone());
+    let (name, source) = (script.name.clone(), script.source.clone());
+    let (p, q, r) = (pending.clone(), queued.clone(), ready.clone());
     std::thread::Builder::new()
         .name(format!("plugin-{}", script.name))
-        .spawn(move || match worker::load(&h, &name, &file_name, &source) {
+        .spawn(move || match worker::load(&outlet, &name, &file_name, &source) {
             Ok(vm) => {
-                let _ = ready.send(Ok(vm.registered()));
-                Worker::new(h, name, (file_name, source), vm, p).run(queue, state, forward);
+                let registered = vm.registered();
+                let core = Arc::new(parking_lot::Mutex::new(Core::new(outlet, name, (file_name, source), vm)));
+                let _ = loaded_tx.send(Ok((registered, core.clone())));
+                Worker { core, pending: p, queued: q, ready: r }.run(queue, state, forward);
             }
             Err(e) => {
-                let _ = ready.send(Err(e));
+                let _ = loaded_tx.send(Err(e));
             }
         })
         .map_err(|e| format!("cannot start a thread: {e}"))?;
-    let registered = loaded.await.map_err(|_| "the plugin thread stopped while loading".to_string())??;
+    let (registered, core) = loaded.await.map_err(|_| "the plugin thread stopped while loading".to_string())??;
     let counts = registered.events.iter().map(|e| (Arc::from(e.as_str()), Default::default())).collect();
     Ok(Arc::new(Plugin {
         name: script.name.clone(),
         file: script.file.clone(),
         registered,
         source: script.source.clone(),
-        counts,
+        core,
         jobs,
         pending,
+        queued,
+        unsent,
+        ready,
+        retired: AtomicBool::new(false),
         queue: host.settings.queue,
+        counts,
         successor,
     }))
 }

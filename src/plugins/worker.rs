@@ -1,25 +1,27 @@
-//! One plugin's thread: it owns the plugin's Lua VM and runs its handlers one at a time.
+//! One plugin's VM ([`Core`]) and its thread ([`Worker`]).
 //!
-//! A VM per plugin on a thread of its own is what makes the sandbox's promises real: a
-//! script stuck until its time budget runs out occupies its own thread, not a tokio worker,
-//! so every other connection and plugin carries on; its memory limit is its own; and its
-//! state needs no locking because only this thread touches it. Sessions hand work over
-//! through a queue that is bounded for client events (a full queue is a `busy` error) and
-//! processed in order, so one client's events reach a plugin in the order they were sent.
+//! Each plugin has a Luau VM of its own behind a lock, and a thread of its own that runs
+//! what is queued for it (events, lifecycle hooks, timers) one at a time, in order. The
+//! thread is what makes the sandbox's promises real: a script stuck until its time budget
+//! runs out occupies its own thread, so every other connection and plugin carries on. A
+//! session may also run an event on its own runtime worker when the plugin is idle
+//! (nothing queued, none of its output waiting) and has been quick: that saves two thread
+//! hand-offs per event, and a call that turns out slow sends the plugin back to its thread
+//! for a while (see `Plugin::try_inline`). Either way calls are serialized by the lock, and
+//! the memory limit is the VM's own.
 
-use std::cell::Cell;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use mlua::{Function, IntoLuaMulti, Lua, LuaSerdeExt, Value};
+use parking_lot::Mutex;
 use serde_json::Map;
 use tokio::sync::oneshot;
 
 use super::api::{self, HookMask, VmShared};
-use super::{Host, Output, Successor};
+use super::{Host, Outlet, Output, Successor};
 use crate::conn::Conn;
 use crate::error::ClientError;
 use crate::protocol::RoomName;
@@ -39,6 +41,8 @@ pub(crate) enum Job {
     Retire {
         reply: oneshot::Sender<Option<serde_json::Value>>,
     },
+    /// An event run on a runtime worker armed a timer: look at the timers again.
+    Wake,
 }
 
 /// What a script registered while it loaded.
@@ -57,48 +61,36 @@ enum Failure {
 
 pub(crate) struct Vm {
     lua: Lua,
-    shared: Rc<VmShared>,
-    deadline: Rc<Cell<Option<Instant>>>,
-    timed_out: Rc<Cell<bool>>,
-}
-
-pub(crate) struct Worker {
-    host: Arc<Host>,
-    name: Arc<str>,
-    /// (file name, source): to start the script afresh if its VM is wedged at its memory
-    /// limit.
-    script: (String, String),
-    vm: Vm,
-    pending: Arc<AtomicUsize>,
-    budget: Duration,
-    /// Throttle for error logs: a client can provoke errors at will, the log must not grow
-    /// with it.
-    last_log: Option<Instant>,
-    suppressed: u64,
+    shared: Arc<VmShared>,
+    /// When the running call must stop, in nanoseconds since `epoch`; 0: no call running.
+    deadline: Arc<AtomicU64>,
+    epoch: Instant,
+    timed_out: Arc<AtomicBool>,
 }
 
 /// Builds the VM and runs the script's top level; the result says what it registered, or
 /// why it failed (with the file name and line, as Lua reports them).
-pub(crate) fn load(host: &Arc<Host>, name: &Arc<str>, file_name: &str, source: &str) -> Result<Vm, String> {
-    let shared = Rc::new(VmShared::default());
-    let lua = api::new_vm(host, name, &shared).map_err(|e| e.to_string())?;
+pub(crate) fn load(outlet: &Arc<Outlet>, name: &Arc<str>, file_name: &str, source: &str) -> Result<Vm, String> {
+    let host = &outlet.host;
+    let shared = Arc::new(VmShared::default());
+    let lua = api::new_vm(outlet, name, &shared).map_err(|e| e.to_string())?;
     lua.set_memory_limit(host.settings.memory_limit_mb << 20).map_err(|e| e.to_string())?;
-    let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
-    let timed_out = Rc::new(Cell::new(false));
+    let deadline = Arc::new(AtomicU64::new(0));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let epoch = Instant::now();
     let (d, t) = (deadline.clone(), timed_out.clone());
     // Luau calls this at every function call and loop back-edge, in coroutines and under
     // pcall too; once the deadline has passed it keeps failing, so a script that catches
     // the error still cannot continue.
     lua.set_interrupt(move |_| {
-        if let Some(at) = d.get()
-            && Instant::now() >= at
-        {
-            t.set(true);
+        let at = d.load(Ordering::Relaxed);
+        if at != 0 && epoch.elapsed().as_nanos() as u64 >= at {
+            t.store(true, Ordering::Relaxed);
             return Err(mlua::Error::runtime("plugin exceeded its time budget"));
         }
         Ok(mlua::VmState::Continue)
     });
-    let vm = Vm { lua, shared, deadline, timed_out };
+    let vm = Vm { lua, shared, deadline, epoch, timed_out };
     // The top level runs under the same budget as a handler.
     let budget = host.settings.time_budget;
     match vm.guarded(budget, |lua| api::load_script(lua, &vm.shared, file_name, source)) {
@@ -111,9 +103,9 @@ pub(crate) fn load(host: &Arc<Host>, name: &Arc<str>, file_name: &str, source: &
 
 impl Vm {
     pub(crate) fn registered(&self) -> Registered {
-        let mut events: Vec<String> = self.shared.handlers.borrow().keys().cloned().collect();
+        let mut events: Vec<String> = self.shared.handlers.lock().keys().cloned().collect();
         events.sort();
-        let hooks = self.shared.hooks.borrow();
+        let hooks = self.shared.hooks.lock();
         let mut mask = 0;
         for (i, bit) in [HookMask::CONNECT, HookMask::DISCONNECT, HookMask::JOIN, HookMask::LEAVE].iter().enumerate() {
             if hooks[i].is_some() {
@@ -125,11 +117,12 @@ impl Vm {
 
     /// Runs `f` under the time budget, and classifies a failure.
     fn guarded<R>(&self, budget: Duration, f: impl FnOnce(&Lua) -> mlua::Result<R>) -> Result<R, Failure> {
-        self.timed_out.set(false);
-        self.deadline.set(Some(Instant::now() + budget));
+        self.timed_out.store(false, Ordering::Relaxed);
+        let at = (self.epoch.elapsed() + budget).as_nanos() as u64;
+        self.deadline.store(at.max(1), Ordering::Relaxed);
         let result = f(&self.lua);
-        self.deadline.set(None);
-        if self.timed_out.get() {
+        self.deadline.store(0, Ordering::Relaxed);
+        if self.timed_out.load(Ordering::Relaxed) {
             return Err(Failure::Timeout);
         }
         result.map_err(|e| if is_memory_error(&e) { Failure::Memory } else { Failure::Lua(e) })
@@ -156,88 +149,73 @@ fn first_line(e: &mlua::Error) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
 
-impl Worker {
-    pub(crate) fn new(
-        host: Arc<Host>,
-        name: Arc<str>,
-        script: (String, String),
-        vm: Vm,
-        pending: Arc<AtomicUsize>,
-    ) -> Worker {
+/// A plugin's VM and what it takes to run it.
+pub(crate) struct Core {
+    host: Arc<Host>,
+    outlet: Arc<Outlet>,
+    name: Arc<str>,
+    /// (file name, source): to start the script afresh if its VM is wedged at its memory
+    /// limit.
+    script: (String, String),
+    vm: Vm,
+    budget: Duration,
+    /// Throttle for error logs: a client can provoke errors at will, the log must not grow
+    /// with it.
+    last_log: Option<Instant>,
+    suppressed: u64,
+    /// Until when client events go to the thread only, after a call that failed or ran
+    /// long: a script that can run long must not hold up a runtime worker more than once
+    /// in a while.
+    thread_only_until: Option<Instant>,
+}
+
+/// A call using more CPU than this (or failing) keeps the plugin's events on its thread
+/// for [`SLOW_PENALTY`].
+const INLINE_LIMIT: Duration = Duration::from_millis(2);
+const SLOW_PENALTY: Duration = Duration::from_secs(60);
+
+/// CPU time this thread has used. Slowness is judged on it rather than on the wall
+/// clock, which on a loaded machine also counts the time the thread was preempted.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Core {
+    pub(crate) fn new(outlet: Arc<Outlet>, name: Arc<str>, script: (String, String), vm: Vm) -> Core {
+        let host = outlet.host.clone();
         let budget = host.settings.time_budget;
-        Worker { host, name, script, vm, pending, budget, last_log: None, suppressed: 0 }
+        Core { host, outlet, name, script, vm, budget, last_log: None, suppressed: 0, thread_only_until: None }
     }
 
-    /// The thread's body. `state`, when given, is the previous version's exported state
-    /// (hot reload): it is imported before any queued job runs.
-    pub(crate) fn run(
-        mut self,
-        jobs: Receiver<Job>,
-        state: Option<oneshot::Receiver<Option<serde_json::Value>>>,
-        successor: Arc<OnceLock<Successor>>,
-    ) {
-        if let Some(state) = state {
-            match state.blocking_recv() {
-                Ok(Some(value)) => self.import_state(value),
-                Ok(None) => {}
-                // The reload was abandoned: nothing will ever be queued here.
-                Err(_) => return,
-            }
-        }
-        loop {
-            let next = self.vm.shared.timers.borrow_mut().next_deadline();
-            let job = match next {
-                Some(at) => match jobs.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(job) => Some(job),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                },
-                None => match jobs.recv() {
-                    Ok(job) => Some(job),
-                    Err(_) => return,
-                },
-            };
-            match job {
-                Some(Job::Event { conn, kind, body }) => {
-                    self.pending.fetch_sub(1, Ordering::Relaxed);
-                    self.event(&conn, &kind, body);
-                }
-                Some(Job::Hook { hook, conn, room }) => self.hook(hook, &conn, room),
-                Some(Job::Retire { reply }) => {
-                    let _ = reply.send(self.export_state());
-                    self.hand_over(&jobs, successor.get());
-                    return;
-                }
-                None => {}
-            }
-            self.fire_timers();
+    /// Timers armed so far, counted; a change across a call means it armed one.
+    pub(crate) fn timers_armed(&self) -> u64 {
+        self.vm.shared.timers.lock().armed()
+    }
+
+    /// Whether a client event may run on the runtime worker that received it.
+    pub(crate) fn may_run_inline(&self) -> bool {
+        self.thread_only_until.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Runs the handler of `kind`.
+    pub(crate) fn event(&mut self, conn: &Arc<Conn>, kind: &str, body: Map<String, serde_json::Value>) {
+        let cpu = thread_cpu();
+        if !self.handle(conn, kind, body) || thread_cpu().saturating_sub(cpu) > INLINE_LIMIT {
+            self.thread_only_until = Some(Instant::now() + SLOW_PENALTY);
         }
     }
 
-    /// After retiring: jobs sent by sessions that read the routing table just before the
-    /// reload swapped it go to the new version, or, if the plugin was deleted, are refused.
-    fn hand_over(&self, jobs: &Receiver<Job>, successor: Option<&Successor>) {
-        while let Ok(job) = jobs.try_recv() {
-            if let Job::Event { .. } = job {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-            }
-            match (successor, job) {
-                (Some(next), job) => next.forward(job),
-                (None, Job::Event { conn, kind, .. }) => {
-                    conn.send(ClientError::unknown_type(&kind).to_frame());
-                }
-                (None, _) => {}
-            }
-        }
-    }
-
-    fn event(&mut self, conn: &Arc<Conn>, kind: &str, body: Map<String, serde_json::Value>) {
+    /// False if the handler failed (an error, its time or its memory).
+    fn handle(&mut self, conn: &Arc<Conn>, kind: &str, body: Map<String, serde_json::Value>) -> bool {
         self.host.metrics.plugin_calls.fetch_add(1, Ordering::Relaxed);
-        let handler = self.vm.shared.handlers.borrow().get(kind).cloned();
+        let handler = self.vm.shared.handlers.lock().get(kind).cloned();
         let Some(handler) = handler else {
             // The script was replaced by one without this handler while the event queued.
-            conn.send(ClientError::unknown_type(kind).to_frame());
-            return;
+            self.outlet.emit(Output::To(conn.clone(), ClientError::unknown_type(kind).to_frame()));
+            return true;
         };
         let started = Instant::now();
         let result = self.vm.guarded(self.budget, |lua| {
@@ -256,19 +234,21 @@ impl Worker {
                         Some(Value::String(m)) => m.to_string_lossy(),
                         _ => code.clone(),
                     };
-                    self.host.emit(Output::To(conn.clone(), ClientError::Rejected { code, message }.to_frame()));
+                    self.outlet.emit(Output::To(conn.clone(), ClientError::Rejected { code, message }.to_frame()));
                 }
+                true
             }
             Err(failure) => {
                 self.report(kind, failure);
-                self.host.emit(Output::To(conn.clone(), ClientError::PluginError(kind.to_string()).to_frame()));
+                self.outlet.emit(Output::To(conn.clone(), ClientError::PluginError(kind.to_string()).to_frame()));
+                false
             }
         }
     }
 
     fn hook(&mut self, hook: u8, conn: &Arc<Conn>, room: Option<RoomName>) {
         let slot = hook.trailing_zeros() as usize;
-        let Some(f) = self.vm.shared.hooks.borrow()[slot].clone() else { return };
+        let Some(f) = self.vm.shared.hooks.lock()[slot].clone() else { return };
         let label = ["on_connect", "on_disconnect", "on_join", "on_leave"][slot];
         let result = self.vm.guarded(self.budget, |lua| {
             let client = api::client_table(lua, conn)?;
@@ -282,9 +262,13 @@ impl Worker {
         }
     }
 
+    fn next_deadline(&self) -> Option<Instant> {
+        self.vm.shared.timers.lock().next_deadline()
+    }
+
     fn fire_timers(&mut self) {
         loop {
-            let due = self.vm.shared.timers.borrow_mut().pop_due(Instant::now());
+            let due = self.vm.shared.timers.lock().pop_due(Instant::now());
             let Some(f) = due else { return };
             if let Err(failure) = self.call(&f, ()) {
                 self.report("timer", failure);
@@ -297,7 +281,7 @@ impl Worker {
     }
 
     fn export_state(&mut self) -> Option<serde_json::Value> {
-        let f = self.vm.shared.export_state.borrow().clone()?;
+        let f = self.vm.shared.export_state.lock().clone()?;
         let result = self.vm.guarded(self.budget, |lua| {
             let v: Value = f.call(())?;
             lua.from_value::<serde_json::Value>(v)
@@ -312,7 +296,7 @@ impl Worker {
     }
 
     fn import_state(&mut self, state: serde_json::Value) {
-        let Some(f) = self.vm.shared.import_state.borrow().clone() else { return };
+        let Some(f) = self.vm.shared.import_state.lock().clone() else { return };
         let result = self.vm.guarded(self.budget, |lua| f.call::<()>(lua.to_value(&state)?));
         if let Err(failure) = result {
             self.report("on_state import", failure);
@@ -329,7 +313,7 @@ impl Worker {
             return;
         }
         let (file, source) = &self.script;
-        match load(&self.host, &self.name, file, source) {
+        match load(&self.outlet, &self.name, file, source) {
             Ok(vm) => {
                 self.vm = vm;
                 tracing::warn!(plugin = %self.name, "plugin restarted with fresh state: it held its whole memory limit");
@@ -360,5 +344,93 @@ impl Worker {
             Failure::Lua(e) => first_line(&e),
         };
         tracing::warn!(plugin = %self.name, handler = what, suppressed, "plugin error: {error}");
+    }
+}
+
+/// The plugin's thread.
+pub(crate) struct Worker {
+    pub core: Arc<Mutex<Core>>,
+    /// Client events queued (the `plugins.queue` bound).
+    pub pending: Arc<AtomicUsize>,
+    /// Jobs of any kind queued.
+    pub queued: Arc<AtomicUsize>,
+    /// False until a reloaded version has imported its predecessor's state.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// The thread's body. `state`, when given, is the previous version's exported state
+    /// (hot reload): it is imported before any job runs.
+    pub(crate) fn run(
+        self,
+        jobs: Receiver<Job>,
+        state: Option<oneshot::Receiver<Option<serde_json::Value>>>,
+        successor: Arc<OnceLock<Successor>>,
+    ) {
+        if let Some(state) = state {
+            match state.blocking_recv() {
+                Ok(Some(value)) => self.core.lock().import_state(value),
+                Ok(None) => {}
+                // The reload was abandoned: nothing will ever be queued here.
+                Err(_) => return,
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        loop {
+            let next = self.core.lock().next_deadline();
+            let job = match next {
+                Some(at) => match jobs.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+                None => match jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                },
+            };
+            let mut core = self.core.lock();
+            let was_job = job.is_some();
+            match job {
+                Some(Job::Event { conn, kind, body }) => {
+                    core.host.metrics.plugin_events_on_thread.fetch_add(1, Ordering::Relaxed);
+                    core.event(&conn, &kind, body);
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                }
+                Some(Job::Hook { hook, conn, room }) => core.hook(hook, &conn, room),
+                Some(Job::Retire { reply }) => {
+                    let _ = reply.send(core.export_state());
+                    drop(core);
+                    self.hand_over(&jobs, successor.get());
+                    return;
+                }
+                Some(Job::Wake) | None => {}
+            }
+            core.fire_timers();
+            drop(core);
+            if was_job {
+                // After the work and under no lock: a session that sees zero may run the
+                // next event itself, and it will find everything before it done.
+                self.queued.fetch_sub(1, Ordering::Release);
+            }
+        }
+    }
+
+    /// After retiring: jobs sent by sessions that read the routing table just before the
+    /// reload swapped it go to the new version, or, if the plugin was deleted, are refused.
+    fn hand_over(&self, jobs: &Receiver<Job>, successor: Option<&Successor>) {
+        while let Ok(job) = jobs.try_recv() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            if let Job::Event { .. } = job {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            match (successor, job) {
+                (Some(next), job) => next.forward(job),
+                (None, Job::Event { conn, kind, .. }) => {
+                    conn.send(ClientError::unknown_type(&kind).to_frame());
+                }
+                (None, _) => {}
+            }
+        }
     }
 }

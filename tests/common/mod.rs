@@ -88,6 +88,17 @@ impl Gw {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// The value of one line of `/metrics`, e.g. `rtgate_events_total{type="chat"}`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (status, _, body) = http_get(self.addr, "/metrics", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
