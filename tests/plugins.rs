@@ -371,3 +371,32 @@ async fn rematch_swaps_symbols_and_games_never_see_each_other() {
     c.sync().await;
     d.sync().await;
 }
+
+/// A Rust handler installed with `set_native` takes an event type over from the script
+/// that registered it, refusals included; handlers are installed once.
+#[tokio::test]
+async fn a_native_handler_replaces_the_script_for_its_event_type() {
+    let gw = Gw::default().await;
+    let mut native: std::collections::HashMap<String, rtgate::plugins::NativeHandler> = Default::default();
+    native.insert(
+        "chat".into(),
+        Box::new(|_host, conn, body| match body.get("message") {
+            Some(Value::String(m)) if m != "no" => {
+                let reply = json!({"type": "native_chat", "clientId": &*conn.id, "message": m});
+                conn.send(rtgate::protocol::Frame::text(reply.to_string()));
+                Ok(())
+            }
+            _ => Err(rtgate::error::ClientError::Rejected { code: "refused".into(), message: "Refused".into() }),
+        }),
+    );
+    assert!(gw.gateway().plugins.set_native(native).is_ok());
+    assert!(gw.gateway().plugins.set_native(Default::default()).is_err());
+    let mut a = gw.client().await;
+    a.send(json!({"type": "chat", "message": "hi"})).await;
+    let reply = a.expect("native_chat").await;
+    assert_eq!(reply, json!({"type": "native_chat", "clientId": a.id, "message": "hi"}));
+    a.expect_error(json!({"type": "chat", "message": "no"}), "refused").await;
+    // Other types still go to their scripts.
+    a.send(json!({"type": "chat_message", "message": "lua"})).await;
+    assert_eq!(a.expect("new_message").await["message"], "lua");
+}

@@ -261,9 +261,16 @@ struct Registry {
     plugins: Vec<Arc<Plugin>>,
 }
 
+/// An event handler written in Rust, run on the session's worker in place of a script:
+/// for programs that embed rtgate as a library, and for the Lua-hop benchmark, whose
+/// "plugin call skipped" half is the chat plugin's work done here.
+pub type NativeHandler = Box<dyn Fn(&Host, &Arc<Conn>, Map<String, Value>) -> Result<(), ClientError> + Send + Sync>;
+
 pub struct PluginHost {
     host: Arc<Host>,
     registry: ArcSwap<Registry>,
+    /// Event type → Rust handler; set at most once (see [`PluginHost::set_native`]).
+    native: OnceLock<HashMap<String, NativeHandler>>,
     /// Bumped after every reload attempt, applied or refused (tests await it).
     reloads: tokio::sync::watch::Sender<u64>,
 }
@@ -308,11 +315,21 @@ impl PluginHost {
             );
         }
         let (reloads, _) = tokio::sync::watch::channel(0);
-        Ok(PluginHost { host, registry: ArcSwap::from_pointee(registry), reloads })
+        Ok(PluginHost { host, registry: ArcSwap::from_pointee(registry), native: OnceLock::new(), reloads })
     }
 
-    /// Routes a client event to the plugin registered for its type.
+    /// Installs Rust handlers, which take precedence over scripts registering the same
+    /// event types. Once only, so that routing stays a lock-free read; a second call hands
+    /// its handlers back.
+    pub fn set_native(&self, handlers: HashMap<String, NativeHandler>) -> Result<(), HashMap<String, NativeHandler>> {
+        self.native.set(handlers)
+    }
+
+    /// Routes a client event to the handler registered for its type.
     pub fn dispatch(&self, conn: &Arc<Conn>, kind: &str, mut body: Map<String, Value>) -> Result<(), ClientError> {
+        if let Some(handler) = self.native.get().and_then(|n| n.get(kind)) {
+            return handler(&self.host, conn, body);
+        }
         // Twice at most: a worker found stopped was just replaced by a reload, and the
         // fresh routing table names its successor.
         for _ in 0..2 {

@@ -38,7 +38,7 @@ pub enum Command {
     /// Start rtgate and the seed-ws Node server and run scenarios (a)–(e) on both.
     Compare(CompareArgs),
     /// In-process: fan-out through the chat plugin versus the same fan-out with the plugin
-    /// call skipped (the cost of the Lua hop).
+    /// call skipped, its work done by a Rust handler instead (the cost of the Lua hop).
     LuaHop(LuaHopArgs),
     /// In-process: messages persisted per second, publishing as fast as the writer keeps up.
     History(HistoryArgs),

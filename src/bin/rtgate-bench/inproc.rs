@@ -1,10 +1,10 @@
 //! Benchmarks that run the gateway inside this process, for what a black-box client cannot
-//! isolate: the cost of the Lua hop (the same fan-out with the plugin call skipped), and
-//! the rate at which history persists messages.
+//! isolate: the cost of the Lua hop (the same fan-out with the plugin call replaced by the
+//! same work in Rust), and the rate at which history persists messages.
 //!
 //! The gateway is the real one (`rtgate::start`, the repository's plugins, the shipped
 //! settings but for rate limits and, for the history run, the database path); only the
-//! *publisher* differs between the two halves of the Lua-hop run. Subscribers are real
+//! handler of `chat` differs between the two halves of the Lua-hop run. Subscribers are real
 //! WebSocket clients on 127.0.0.1 in the same process, so both halves pay for them alike
 //! and the ratio is what counts.
 
@@ -98,8 +98,6 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
         let (seen_by_reader, echo) = (seen.clone(), echoed.clone());
         readers.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = echoes.next().await {
-                // Only the publisher's own chat comes back as an echo; the replies to the
-                // frames the skipped half sends are not.
                 if let Message::Text(t) = msg
                     && t.as_str().contains("\"chat_message\"")
                 {
@@ -109,35 +107,29 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
             }
         }));
         let text = "x".repeat(100);
-        let frame = serde_json::json!({"type": "chat", "room": "hop", "message": text}).to_string();
-        let window = u64::from(args.in_flight);
+        let mut publisher = Publisher {
+            sink: &mut sink,
+            frame: serde_json::json!({"type": "chat", "room": "hop", "message": text}).to_string(),
+            window: u64::from(args.in_flight),
+            sent: 0,
+            seen: &seen,
+            echoed: &echoed,
+            received: &received,
+        };
         let duration = Duration::from_secs_f64(args.duration);
 
         // Through the plugin: the publisher's frames go socket → session → chat.lua → fan-out.
-        let mut sent = 0u64;
-        let with =
-            measure(&received, &seen, &echoed, duration, window, &mut sent, Driver::Socket(&mut sink, &frame)).await?;
+        let with = publisher.measure(duration).await?;
 
-        // Plugin skipped: the publisher still sends a frame per message, which the gateway
-        // reads, parses, rate-limits and answers (`set_name`, a core event with a short
-        // reply), and the same message, built the way chat.lua builds it, goes straight to
-        // the hub's fan-out. So this half pays for the socket path too, only not for the
-        // plugin: the difference is the Lua hop (thread hand-off, conversions, script).
-        let room = rtgate::protocol::RoomName::parse("hop").map_err(|e| BenchError::msg(e.to_string()))?;
-        let body = serde_json::json!({"type": "chat_message", "clientId": "client_bench", "message": text,
-            "timestamp": 0, "room": "hop", "username": "guest-bench"})
-        .to_string();
-        let hub = &running.gateway.hub;
-        let skipped = measure(
-            &received,
-            &seen,
-            &echoed,
-            duration,
-            window,
-            &mut sent,
-            Driver::Hub(&mut sink, r#"{"type":"set_name","name":"bench"}"#, hub, &room, &body),
-        )
-        .await?;
+        // Plugin skipped: the same frames down the same path, except that a Rust handler
+        // does what chat.lua does in place of the Lua call. The difference is the Lua hop
+        // as a whole: the conversions to and from Lua, the script, and any thread hand-off.
+        let mut native = std::collections::HashMap::new();
+        native.insert("chat".to_string(), native_chat());
+        if running.gateway.plugins.set_native(native).is_err() {
+            return Err(BenchError::msg("native handlers were already installed"));
+        }
+        let skipped = publisher.measure(duration).await?;
         for r in readers {
             r.abort();
         }
@@ -154,64 +146,80 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
     }
 }
 
-/// What publishes during a measurement.
-enum Driver<'a> {
-    /// A client socket sending `chat` frames.
-    Socket(&'a mut futures_util::stream::SplitSink<Ws, Message>, &'a str),
-    /// A client socket sending a core event, and the hub's fan-out called directly with an
-    /// already serialized message.
-    Hub(
-        &'a mut futures_util::stream::SplitSink<Ws, Message>,
-        &'a str,
-        &'a rtgate::hub::Hub,
-        &'a rtgate::protocol::RoomName,
-        &'a str,
-    ),
+/// chat.lua in Rust: a room's chat message, built the same way, cleaned and serialized
+/// once, published (persisted, as chat.lua does by default) to the room.
+fn native_chat() -> rtgate::plugins::NativeHandler {
+    Box::new(|host, conn, body| {
+        let refuse = |code: &str, message: &str| rtgate::error::ClientError::Rejected {
+            code: code.to_string(),
+            message: message.to_string(),
+        };
+        let Some(serde_json::Value::String(message)) = body.get("message") else {
+            return Err(refuse("invalid_message", "\"message\" must be a string"));
+        };
+        let Some(serde_json::Value::String(room)) = body.get("room") else {
+            return Err(refuse("invalid_room", "\"room\" must be a string"));
+        };
+        let room = rtgate::protocol::RoomName::parse(room).map_err(|e| refuse(e.code(), &e.to_string()))?;
+        let timestamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let out = serde_json::json!({
+            "type": "chat_message",
+            "clientId": &*conn.id,
+            "message": message,
+            "timestamp": timestamp,
+            "room": room.as_str(),
+            "username": &*conn.identity.username(),
+        });
+        host.broker.publish(&room, host.sanitizer.clean_output(out.to_string()), None, true);
+        Ok(())
+    })
 }
 
-/// Keeps `window` messages in flight (sent but not yet echoed to the publisher) for a
-/// warm-up second and then `duration`, and returns deliveries/s over the measured part.
-async fn measure(
-    received: &AtomicU64,
-    seen: &AtomicU64,
-    echoed: &tokio::sync::Notify,
-    duration: Duration,
+/// The publishing client of the Lua-hop run, and the counts it paces itself by.
+struct Publisher<'a> {
+    sink: &'a mut futures_util::stream::SplitSink<Ws, Message>,
+    frame: String,
+    /// Messages that may be sent and not yet echoed back.
     window: u64,
-    sent: &mut u64,
-    mut driver: Driver<'_>,
-) -> Result<f64> {
-    let warm_until = Instant::now() + Duration::from_secs(1);
-    let mut start: Option<(Instant, u64)> = None;
-    loop {
-        let now = Instant::now();
-        if start.is_none() && now >= warm_until {
-            start = Some((now, received.load(Ordering::Relaxed) + seen.load(Ordering::Relaxed)));
-        }
-        if let Some((t0, r0)) = start
-            && now.duration_since(t0) >= duration
-        {
-            let total = received.load(Ordering::Relaxed) + seen.load(Ordering::Relaxed) - r0;
-            // Let what is in flight land before the next phase starts counting.
-            let drain_until = Instant::now() + Duration::from_secs(10);
-            while seen.load(Ordering::Relaxed) < *sent && Instant::now() < drain_until {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+    sent: u64,
+    /// Echoes of its own messages the publisher has read.
+    seen: &'a AtomicU64,
+    echoed: &'a tokio::sync::Notify,
+    /// Messages the other members have read.
+    received: &'a AtomicU64,
+}
+
+impl Publisher<'_> {
+    /// Keeps `window` messages in flight for a warm-up second and then `duration`, and
+    /// returns deliveries/s over the measured part.
+    async fn measure(&mut self, duration: Duration) -> Result<f64> {
+        let delivered = || self.received.load(Ordering::Relaxed) + self.seen.load(Ordering::Relaxed);
+        let warm_until = Instant::now() + Duration::from_secs(1);
+        let mut start: Option<(Instant, u64)> = None;
+        loop {
+            let now = Instant::now();
+            if start.is_none() && now >= warm_until {
+                start = Some((now, delivered()));
             }
-            return Ok(total as f64 / now.duration_since(t0).as_secs_f64());
-        }
-        if *sent - seen.load(Ordering::Relaxed) < window {
-            match &mut driver {
-                Driver::Socket(sink, frame) => {
-                    sink.send(Message::text(frame.to_string())).await.context("publishing")?;
+            if let Some((t0, r0)) = start
+                && now.duration_since(t0) >= duration
+            {
+                let total = delivered() - r0;
+                // Let what is in flight land before the next phase starts counting.
+                let drain_until = Instant::now() + Duration::from_secs(10);
+                while self.seen.load(Ordering::Relaxed) < self.sent && Instant::now() < drain_until {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Driver::Hub(sink, frame, hub, room, body) => {
-                    sink.send(Message::text(frame.to_string())).await.context("sending")?;
-                    hub.publish(room, body.to_string(), None, false);
-                }
+                return Ok(total as f64 / now.duration_since(t0).as_secs_f64());
             }
-            *sent += 1;
-        } else {
-            // Sleep until an echo frees a slot (bounded, so the clock checks above still run).
-            let _ = tokio::time::timeout(Duration::from_millis(50), echoed.notified()).await;
+            if self.sent - self.seen.load(Ordering::Relaxed) < self.window {
+                self.sink.send(Message::text(self.frame.clone())).await.context("publishing")?;
+                self.sent += 1;
+            } else {
+                // Sleep until an echo frees a slot (bounded, so the clock checks above still run).
+                let _ = tokio::time::timeout(Duration::from_millis(50), self.echoed.notified()).await;
+            }
         }
     }
 }
@@ -329,7 +337,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 
 pub fn lua_hop_table(r: &LuaHopResult) -> String {
     format!(
-        "lua-hop ({} members, {} in flight, {:.0} s each)\n  through chat.lua      {:>12.0} deliveries/s\n  plugin call skipped   {:>12.0} deliveries/s\n  Lua hop costs         {:>11.1} % of throughput (target < 15 %)",
+        "lua-hop ({} members, {} in flight, {:.0} s each)\n  through chat.lua      {:>12.0} deliveries/s\n  plugin call skipped   {:>12.0} deliveries/s (chat done in Rust)\n  Lua hop costs         {:>11.1} % of throughput (target < 15 %)",
         r.members,
         r.in_flight,
         r.seconds,
