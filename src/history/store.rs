@@ -223,10 +223,9 @@ impl Store {
             deleted += self
                 .delete_in_chunks(chunk, || {
                     sqlx::query(
-                        "DELETE FROM messages WHERE room = ? AND seq IN \
-                         (SELECT seq FROM messages WHERE room = ? AND seq <= ? ORDER BY seq LIMIT ?)",
+                        "DELETE FROM messages WHERE rowid IN \
+                         (SELECT rowid FROM messages WHERE room = ? AND seq <= ? ORDER BY seq LIMIT ?)",
                     )
-                    .bind(name.clone())
                     .bind(name.clone())
                     .bind(cutoff)
                     .bind(chunk)
@@ -239,12 +238,9 @@ impl Store {
     /// Retention by age: deletes, in chunks, messages created before `cutoff_ms`.
     pub async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
         self.delete_in_chunks(chunk, || {
-            sqlx::query(
-                "DELETE FROM messages WHERE (room, seq) IN \
-                 (SELECT room, seq FROM messages WHERE created_ms < ? LIMIT ?)",
-            )
-            .bind(cutoff_ms)
-            .bind(chunk)
+            sqlx::query("DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages WHERE created_ms < ? LIMIT ?)")
+                .bind(cutoff_ms)
+                .bind(chunk)
         })
         .await
     }
