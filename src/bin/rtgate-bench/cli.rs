@@ -55,6 +55,9 @@ pub struct LuaHopArgs {
     /// Measured seconds per half (after a 1 s warmup).
     #[arg(long, default_value_t = 5.0, value_parser = parse_measure_secs)]
     pub duration: f64,
+    /// Rounds of both halves, alternating which goes first; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
 }
 
 #[derive(Args, Debug, Clone, Serialize)]

@@ -57,10 +57,15 @@ pub struct LuaHopResult {
     pub members: u32,
     pub in_flight: u32,
     pub seconds: f64,
+    pub rounds: u32,
+    /// Medians over the rounds.
     pub with_plugin_deliveries_per_s: f64,
     pub plugin_skipped_deliveries_per_s: f64,
-    /// 1 − with/skipped: the share of throughput the Lua hop costs.
+    /// Median over the rounds of 1 − with/skipped: the share of throughput the Lua hop
+    /// costs.
     pub lua_hop_cost: f64,
+    /// `(with, skipped)` deliveries/s of each round.
+    pub per_round: Vec<(f64, f64)>,
 }
 
 pub fn lua_hop(args: &LuaHopArgs) -> Result<LuaHopResult> {
@@ -106,10 +111,21 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
                 }
             }
         }));
+        // The plugin half sends `chat`: socket → session → chat.lua → fan-out. The skipped
+        // half sends the same frame typed `chat_rust`, which goes down the same path to a
+        // Rust handler doing what chat.lua does: the difference is the Lua hop as a whole
+        // (the conversions to and from Lua, the script, any thread hand-off). One gateway
+        // serves both, alternating, so that a noisy moment hurts one round, not one side.
+        let mut native = std::collections::HashMap::new();
+        native.insert("chat_rust".to_string(), native_chat());
+        if running.gateway.plugins.set_native(native).is_err() {
+            return Err(BenchError::msg("native handlers were already installed"));
+        }
         let text = "x".repeat(100);
+        let frame = |kind: &str| serde_json::json!({"type": kind, "room": "hop", "message": text}).to_string();
+        let (through_lua, through_rust) = (frame("chat"), frame("chat_rust"));
         let mut publisher = Publisher {
             sink: &mut sink,
-            frame: serde_json::json!({"type": "chat", "room": "hop", "message": text}).to_string(),
             window: u64::from(args.in_flight),
             sent: 0,
             seen: &seen,
@@ -117,19 +133,18 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
             received: &received,
         };
         let duration = Duration::from_secs_f64(args.duration);
-
-        // Through the plugin: the publisher's frames go socket → session → chat.lua → fan-out.
-        let with = publisher.measure(duration).await?;
-
-        // Plugin skipped: the same frames down the same path, except that a Rust handler
-        // does what chat.lua does in place of the Lua call. The difference is the Lua hop
-        // as a whole: the conversions to and from Lua, the script, and any thread hand-off.
-        let mut native = std::collections::HashMap::new();
-        native.insert("chat".to_string(), native_chat());
-        if running.gateway.plugins.set_native(native).is_err() {
-            return Err(BenchError::msg("native handlers were already installed"));
+        let mut per_round = Vec::new();
+        for round in 0..args.rounds {
+            // Lua first in odd rounds, Rust first in even ones.
+            let (with, skipped) = if round % 2 == 0 {
+                let with = publisher.measure(duration, &through_lua).await?;
+                (with, publisher.measure(duration, &through_rust).await?)
+            } else {
+                let skipped = publisher.measure(duration, &through_rust).await?;
+                (publisher.measure(duration, &through_lua).await?, skipped)
+            };
+            per_round.push((with, skipped));
         }
-        let skipped = publisher.measure(duration).await?;
         for r in readers {
             r.abort();
         }
@@ -139,9 +154,11 @@ async fn lua_hop_run(args: LuaHopArgs) -> Result<LuaHopResult> {
             members: args.members,
             in_flight: args.in_flight,
             seconds: args.duration,
-            with_plugin_deliveries_per_s: with,
-            plugin_skipped_deliveries_per_s: skipped,
-            lua_hop_cost: 1.0 - with / skipped,
+            rounds: args.rounds,
+            with_plugin_deliveries_per_s: median(per_round.iter().map(|r| r.0)),
+            plugin_skipped_deliveries_per_s: median(per_round.iter().map(|r| r.1)),
+            lua_hop_cost: median(per_round.iter().map(|(with, skipped)| 1.0 - with / skipped)),
+            per_round,
         })
     }
 }
@@ -176,10 +193,13 @@ fn native_chat() -> rtgate::plugins::NativeHandler {
     })
 }
 
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    crate::stats::median(&values.collect::<Vec<_>>()).unwrap_or(f64::NAN)
+}
+
 /// The publishing client of the Lua-hop run, and the counts it paces itself by.
 struct Publisher<'a> {
     sink: &'a mut futures_util::stream::SplitSink<Ws, Message>,
-    frame: String,
     /// Messages that may be sent and not yet echoed back.
     window: u64,
     sent: u64,
@@ -193,7 +213,7 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     /// Keeps `window` messages in flight for a warm-up second and then `duration`, and
     /// returns deliveries/s over the measured part.
-    async fn measure(&mut self, duration: Duration) -> Result<f64> {
+    async fn measure(&mut self, duration: Duration, frame: &str) -> Result<f64> {
         let delivered = || self.received.load(Ordering::Relaxed) + self.seen.load(Ordering::Relaxed);
         let warm_until = Instant::now() + Duration::from_secs(1);
         let mut start: Option<(Instant, u64)> = None;
@@ -214,7 +234,7 @@ impl Publisher<'_> {
                 return Ok(total as f64 / now.duration_since(t0).as_secs_f64());
             }
             if self.sent - self.seen.load(Ordering::Relaxed) < self.window {
-                self.sink.send(Message::text(self.frame.clone())).await.context("publishing")?;
+                self.sink.send(Message::text(frame.to_string())).await.context("publishing")?;
                 self.sent += 1;
             } else {
                 // Sleep until an echo frees a slot (bounded, so the clock checks above still run).
@@ -337,13 +357,15 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 
 pub fn lua_hop_table(r: &LuaHopResult) -> String {
     format!(
-        "lua-hop ({} members, {} in flight, {:.0} s each)\n  through chat.lua      {:>12.0} deliveries/s\n  plugin call skipped   {:>12.0} deliveries/s (chat done in Rust)\n  Lua hop costs         {:>11.1} % of throughput (target < 15 %)",
+        "lua-hop ({} members, {} in flight, {:.0} s each, medians of {} rounds)\n  through chat.lua      {:>12.0} deliveries/s\n  plugin call skipped   {:>12.0} deliveries/s (chat done in Rust)\n  Lua hop costs         {:>11.1} % of throughput (target < 15 %; rounds: {})",
         r.members,
         r.in_flight,
         r.seconds,
+        r.rounds,
         r.with_plugin_deliveries_per_s,
         r.plugin_skipped_deliveries_per_s,
-        r.lua_hop_cost * 100.0
+        r.lua_hop_cost * 100.0,
+        r.per_round.iter().map(|(w, s)| format!("{:.1} %", (1.0 - w / s) * 100.0)).collect::<Vec<_>>().join(", ")
     )
 }
 
