@@ -1,9 +1,16 @@
 -- Messages move from a WITHOUT ROWID table to an ordinary rowid table with a unique index
--- on (room, seq). SQLite advises WITHOUT ROWID only for rows under ~1/20 of a page; a chat
--- message is ~300 bytes of a 4 KiB page. Appending to a WITHOUT ROWID b-tree rebalances
--- three leaf pages at every split, where an append to a rowid table (rowids only grow)
--- takes SQLite's quick path: a commit of a few messages now writes about half the pages,
--- and the commit is what a `per_message` delivery waits for.
+-- on (room, seq), and the per-insert bookkeeping shrinks to what a commit cannot avoid.
+--
+-- A commit of a few messages is what a `per_message` delivery waits for, so every page it
+-- writes counts:
+-- * SQLite advises WITHOUT ROWID only for rows under ~1/20 of a page; a chat message is
+--   ~300 bytes of a 4 KiB page. Appending to that b-tree rebalanced three leaf pages at
+--   every split, where an append to a rowid table (rowids only grow) takes the quick path.
+-- * The index on created_ms is gone: rowids follow publishing order, and so, within clock
+--   precision, does created_ms, so age retention deletes from the lowest rowid up.
+-- * rooms.last_seq is no longer rewritten by every insert. A room gets its row once (its
+--   first message), and last_seq is raised when messages are deleted; the last sequence
+--   number of a room is the larger of last_seq and its highest stored seq.
 CREATE TABLE messages_rowid (
     room       TEXT NOT NULL,
     seq        INTEGER NOT NULL,
@@ -17,10 +24,15 @@ DROP TABLE messages;
 ALTER TABLE messages_rowid RENAME TO messages;
 -- A page of history is one range scan of this index.
 CREATE UNIQUE INDEX messages_by_room_seq ON messages (room, seq);
--- For age-based retention.
-CREATE INDEX messages_by_age ON messages (created_ms);
-CREATE TRIGGER messages_last_seq AFTER INSERT ON messages
+
+CREATE TRIGGER messages_room AFTER INSERT ON messages
+WHEN NOT EXISTS (SELECT 1 FROM rooms WHERE name = NEW.room)
 BEGIN
-    INSERT INTO rooms (name, last_seq) VALUES (NEW.room, NEW.seq)
-    ON CONFLICT (name) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);
+    INSERT INTO rooms (name, last_seq) VALUES (NEW.room, 0);
+END;
+
+-- Retention may delete a room's newest messages; its numbering must not restart.
+CREATE TRIGGER messages_deleted AFTER DELETE ON messages
+BEGIN
+    UPDATE rooms SET last_seq = max(last_seq, OLD.seq) WHERE name = OLD.room;
 END;

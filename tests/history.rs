@@ -317,6 +317,38 @@ async fn retention_by_age() {
     assert_eq!(seqs(&page), vec![6]);
 }
 
+/// Retention may delete every message of a room: numbering still continues after it, and
+/// after a restart.
+#[tokio::test]
+async fn numbering_survives_a_room_emptied_by_retention_and_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings();
+    s.history.path = data.path().join("h.db");
+    s.history.max_age = Duration::from_millis(50);
+    let mut gw = Gw::start(s.clone()).await;
+    let mut c = gw.client().await;
+    c.join("gone").await;
+    publish(&mut c, "gone", "m", 4).await;
+    read_seqs(&mut c, 4).await;
+    // Let the messages age past max_age: this wait is the thing under test.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    gw.gateway().history.enforce_retention_now().await;
+    let (_, page) = get_json(&gw, "/rooms/gone/history").await;
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+    c.send(json!({"type": "chat", "room": "gone", "message": "next"})).await;
+    assert_eq!(c.expect("chat_message").await["seq"], 5);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    gw.gateway().history.enforce_retention_now().await;
+    gw.shutdown().await;
+
+    let gw = Gw::start(s).await;
+    assert_eq!(seqs(&get_json(&gw, "/rooms/gone/history").await.1), Vec::<u64>::new());
+    let mut c = gw.client().await;
+    c.join("gone").await;
+    c.send(json!({"type": "chat", "room": "gone", "message": "after"})).await;
+    assert_eq!(c.expect("chat_message").await["seq"], 6);
+}
+
 async fn await_health(gw: &Gw, want: impl Fn(&Health) -> bool) -> Health {
     let mut rx = gw.gateway().history.health();
     let health = tokio::time::timeout(TIMEOUT, rx.wait_for(|h| want(h))).await.expect("health in time").unwrap();

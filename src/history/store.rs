@@ -91,9 +91,15 @@ impl Store {
         Ok(Store { pool, inserts })
     }
 
-    /// Every room's last sequence number, to continue numbering after a restart.
+    /// Every room's last sequence number, to continue numbering after a restart: the
+    /// highest one stored, or, if retention deleted those, the highest it deleted.
     pub async fn last_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = sqlx::query("SELECT name, last_seq FROM rooms").fetch_all(&self.pool).await?;
+        let rows = sqlx::query(
+            "SELECT name, max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0)) \
+             FROM rooms",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect())
     }
 
@@ -102,7 +108,7 @@ impl Store {
         Ok(self.pool.acquire().await?)
     }
 
-    /// Inserts a batch atomically; a trigger moves each room's `last_seq` forward. A batch
+    /// Inserts a batch atomically; a trigger gives a room its row in `rooms`. A batch
     /// that fits one statement is one round trip (SQLite makes the statement its own
     /// transaction); a larger one is wrapped in an explicit transaction.
     pub async fn insert(&self, conn: &mut PoolConnection<Sqlite>, rows: &[Record]) -> Result<(), StoreError> {
@@ -206,20 +212,21 @@ impl Store {
 
     /// Retention by count: deletes, in chunks, what is older than each room's newest
     /// `keep` messages. Sequence numbers have no gaps, so "older than the newest `keep`"
-    /// is `seq <= last_seq - keep`. Returns the number of rows deleted.
+    /// is `seq <= newest - keep`. Returns the number of rows deleted.
     pub async fn trim_rooms(&self, keep: u64, chunk: i64) -> Result<u64, StoreError> {
         let rooms = sqlx::query(
-            "SELECT r.name, r.last_seq FROM rooms r \
-             WHERE r.last_seq > ? AND EXISTS (SELECT 1 FROM messages m WHERE m.room = r.name AND m.seq <= r.last_seq - ?)",
+            "SELECT name, newest FROM (SELECT name, \
+                 (SELECT max(seq) FROM messages WHERE room = rooms.name) AS newest, \
+                 (SELECT min(seq) FROM messages WHERE room = rooms.name) AS oldest FROM rooms) \
+             WHERE oldest <= newest - ?",
         )
-        .bind(keep as i64)
         .bind(keep as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut deleted = 0;
         for r in rooms {
-            let (name, last): (String, i64) = (r.get(0), r.get(1));
-            let cutoff = last - keep as i64;
+            let (name, newest): (String, i64) = (r.get(0), r.get(1));
+            let cutoff = newest - keep as i64;
             deleted += self
                 .delete_in_chunks(chunk, || {
                     sqlx::query(
@@ -235,12 +242,19 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Retention by age: deletes, in chunks, messages created before `cutoff_ms`.
+    /// Retention by age: deletes, in chunks, messages created before `cutoff_ms`. Rows are
+    /// stored in publishing order, so the old ones are the first rowids: each chunk is the
+    /// oldest `chunk` rows, of which those before the cutoff go, and a chunk that is not
+    /// all old is the last. (A message stamped earlier than one stored before it, by a
+    /// clock stepping back, waits for its elders; it is never deleted early.)
     pub async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
         self.delete_in_chunks(chunk, || {
-            sqlx::query("DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages WHERE created_ms < ? LIMIT ?)")
-                .bind(cutoff_ms)
-                .bind(chunk)
+            sqlx::query(
+                "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages ORDER BY rowid LIMIT ?) \
+                 AND created_ms < ?",
+            )
+            .bind(chunk)
+            .bind(cutoff_ms)
         })
         .await
     }
