@@ -160,74 +160,48 @@ impl Metrics {
     /// The Prometheus exposition; `plugin_events` are `(type, count)` of plugin events.
     pub fn render(&self, plugin_events: &[(String, u64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let mut one = |name: &str, kind: &str, help: &str, value: String| {
+        let count = |c: &AtomicU64| ("counter", c.load(Relaxed).to_string());
+        let gauge = |g: &AtomicI64| ("gauge", g.load(Relaxed).to_string());
+        let lines = [
+            ("rtgate_connections", "Open WebSocket connections.", gauge(&self.connections)),
+            ("rtgate_connections_total", "WebSocket connections accepted.", count(&self.connections_total)),
+            ("rtgate_rooms", "Rooms with at least one member.", gauge(&self.rooms)),
+            ("rtgate_messages_out_total", "Frames written to client sockets.", count(&self.messages_out)),
+            ("rtgate_bytes_out_total", "Payload bytes written to client sockets.", count(&self.bytes_out)),
+            (
+                "rtgate_deliveries_dropped_total",
+                "Frames not delivered: the recipient was closing or overflowed.",
+                count(&self.deliveries_dropped),
+            ),
+            (
+                "rtgate_slow_consumers_total",
+                "Connections closed for letting their queue overflow.",
+                count(&self.slow_consumers),
+            ),
+            ("rtgate_heartbeat_timeouts_total", "Connections dropped as silent.", count(&self.heartbeat_timeouts)),
+            ("rtgate_client_errors_total", "Error replies sent to clients.", count(&self.client_errors)),
+            ("rtgate_rate_limited_total", "Events refused by rate limits.", count(&self.rate_limited)),
+            ("rtgate_upgrades_refused_total", "Upgrades refused (auth, origin, caps).", count(&self.upgrades_refused)),
+            ("rtgate_plugin_calls_total", "Plugin handler calls.", count(&self.plugin_calls)),
+            ("rtgate_plugin_errors_total", "Plugin calls that raised an error.", count(&self.plugin_errors)),
+            ("rtgate_plugin_timeouts_total", "Plugin calls stopped by the time budget.", count(&self.plugin_timeouts)),
+            ("rtgate_plugin_busy_total", "Events refused because a plugin queue was full.", count(&self.plugin_busy)),
+            (
+                "rtgate_plugin_events_on_thread_total",
+                "Client events run on their plugin's own thread: the plugin was busy, or sent there after a slow call. The rest ran on the runtime worker that received them.",
+                count(&self.plugin_events_on_thread),
+            ),
+            ("rtgate_history_rows_total", "Messages committed to history.", count(&self.history_rows)),
+            ("rtgate_history_write_errors_total", "History commits that failed.", count(&self.history_write_errors)),
+            (
+                "rtgate_history_dropped_total",
+                "Messages delivered unstored because the writer queue was full.",
+                count(&self.history_dropped),
+            ),
+        ];
+        for (name, help, (kind, value)) in lines {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        let get = |c: &AtomicU64| c.load(Relaxed).to_string();
-        one("rtgate_connections", "gauge", "Open WebSocket connections.", self.connections.load(Relaxed).to_string());
-        one("rtgate_connections_total", "counter", "WebSocket connections accepted.", get(&self.connections_total));
-        one("rtgate_rooms", "gauge", "Rooms with at least one member.", self.rooms.load(Relaxed).to_string());
-        one("rtgate_messages_out_total", "counter", "Frames written to client sockets.", get(&self.messages_out));
-        one("rtgate_bytes_out_total", "counter", "Payload bytes written to client sockets.", get(&self.bytes_out));
-        one(
-            "rtgate_deliveries_dropped_total",
-            "counter",
-            "Frames not delivered: the recipient was closing or overflowed.",
-            get(&self.deliveries_dropped),
-        );
-        one(
-            "rtgate_slow_consumers_total",
-            "counter",
-            "Connections closed for letting their queue overflow.",
-            get(&self.slow_consumers),
-        );
-        one(
-            "rtgate_heartbeat_timeouts_total",
-            "counter",
-            "Connections dropped as silent.",
-            get(&self.heartbeat_timeouts),
-        );
-        one("rtgate_client_errors_total", "counter", "Error replies sent to clients.", get(&self.client_errors));
-        one("rtgate_rate_limited_total", "counter", "Events refused by rate limits.", get(&self.rate_limited));
-        one(
-            "rtgate_upgrades_refused_total",
-            "counter",
-            "Upgrades refused (auth, origin, caps).",
-            get(&self.upgrades_refused),
-        );
-        one("rtgate_plugin_calls_total", "counter", "Plugin handler calls.", get(&self.plugin_calls));
-        one("rtgate_plugin_errors_total", "counter", "Plugin calls that raised an error.", get(&self.plugin_errors));
-        one(
-            "rtgate_plugin_timeouts_total",
-            "counter",
-            "Plugin calls stopped by the time budget.",
-            get(&self.plugin_timeouts),
-        );
-        one(
-            "rtgate_plugin_busy_total",
-            "counter",
-            "Events refused because a plugin queue was full.",
-            get(&self.plugin_busy),
-        );
-        one(
-            "rtgate_plugin_events_on_thread_total",
-            "counter",
-            "Client events run on their plugin's own thread: the plugin was busy, or sent there after a slow call. The rest ran on the runtime worker that received them.",
-            get(&self.plugin_events_on_thread),
-        );
-        one("rtgate_history_rows_total", "counter", "Messages committed to history.", get(&self.history_rows));
-        one(
-            "rtgate_history_write_errors_total",
-            "counter",
-            "History commits that failed.",
-            get(&self.history_write_errors),
-        );
-        one(
-            "rtgate_history_dropped_total",
-            "counter",
-            "Messages delivered unstored because the writer queue was full.",
-            get(&self.history_dropped),
-        );
+        }
         let _ = writeln!(
             out,
             "# HELP rtgate_events_total Client events received, by type.\n# TYPE rtgate_events_total counter"
