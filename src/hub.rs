@@ -184,7 +184,7 @@ impl Hub {
             room: room.clone(),
             stream: stream.clone(),
             seq,
-            created_ms: history::now_ms(),
+            created_ms: crate::clock::now_ms(),
             frame: frame.clone(),
             deliver: per_message.then(|| exclude.map(Arc::from)),
         };

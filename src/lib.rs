@@ -5,6 +5,7 @@
 //! `ARCHITECTURE.md`; the wire protocol is in `docs/protocol.md`.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod error;

@@ -539,7 +539,7 @@ impl History {
             }
         }
         if !self.settings.max_age.is_zero() {
-            let cutoff = now_ms() - self.settings.max_age.as_millis() as i64;
+            let cutoff = crate::clock::now_ms() - self.settings.max_age.as_millis() as i64;
             match store.expire(cutoff, CHUNK).await {
                 Ok(n) => deleted += n,
                 Err(e) => tracing::warn!("history retention (age): {e}"),
@@ -557,10 +557,6 @@ pub struct HistoryPage {
     pub next: Option<u64>,
     /// The `before` value for the next older page; `None` at the oldest stored message.
     pub prev: Option<u64>,
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// `{"type":..,…}` + `seq` → `{"type":..,…,"seq":N}`: the sequence number is spliced into

@@ -306,17 +306,8 @@ fn api_table(lua: &Lua, outlet: &Arc<Outlet>, plugin: &Arc<str>, shared: &Arc<Vm
         })?,
     )?;
 
-    rt.raw_set(
-        "now_ms",
-        lua.create_function(|_, ()| {
-            let ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            Ok(ms)
-        })?,
-    )?;
-    rt.raw_set("now_iso", lua.create_function(|_, ()| Ok(now_iso()))?)?;
+    rt.raw_set("now_ms", lua.create_function(|_, ()| Ok(crate::clock::now_ms()))?)?;
+    rt.raw_set("now_iso", lua.create_function(|_, ()| Ok(crate::clock::now_iso()))?)?;
     rt.raw_set(
         "random_id",
         lua.create_function(|_, prefix: Option<String>| {
@@ -390,39 +381,4 @@ fn encode(host: &Host, msg: &Value) -> mlua::Result<String> {
     }
     let text = serde_json::to_string(msg).map_err(|e| mlua::Error::runtime(format!("cannot encode message: {e}")))?;
     Ok(host.sanitizer.clean_output(text))
-}
-
-/// UTC time as `2026-11-27T10:58:15.123Z`, the format of JavaScript's `toISOString()`.
-pub fn now_iso() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant), valid for every date this program will see.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn iso_format() {
-        let s = super::now_iso();
-        assert_eq!(s.len(), 24, "{s}");
-        assert!(s.ends_with('Z') && &s[4..5] == "-" && &s[10..11] == "T", "{s}");
-        assert!(s.as_str() > "2024-01-01");
-    }
 }

@@ -178,8 +178,7 @@ fn native_chat() -> rtgate::plugins::NativeHandler {
             return Err(refuse("invalid_room", "\"room\" must be a string"));
         };
         let room = rtgate::protocol::RoomName::parse(room).map_err(|e| refuse(e.code(), &e.to_string()))?;
-        let timestamp =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let timestamp = rtgate::clock::now_ms();
         let out = serde_json::json!({
             "type": "chat_message",
             "clientId": &*conn.id,

@@ -3,8 +3,8 @@
 //!
 //! The JSON is the record (every counter, the options, the machine), so that a figure in
 //! docs can be traced to the file it came from; the table is a summary of it. The file
-//! name carries the scenario and a UTC timestamp, computed here by hand to avoid a date
-//! dependency for one line.
+//! name carries the scenario and a UTC timestamp (`rtgate::clock` does the date arithmetic,
+//! to avoid a date dependency for one line).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,18 +49,7 @@ pub fn write_json<T: Serialize>(out_dir: &Path, scenario: &str, result: &T) -> R
 
 /// `YYYYMMDDTHHMMSSZ` for seconds since the Unix epoch (proleptic Gregorian, UTC).
 pub fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d, rem) = rtgate::clock::civil(secs as i64);
     format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
