@@ -21,7 +21,7 @@ use serde_json::Map;
 use tokio::sync::oneshot;
 
 use super::api::{self, HookMask, VmShared};
-use super::{Host, Outlet, Output, Successor};
+use super::{Outlet, Output, Successor};
 use crate::conn::Conn;
 use crate::error::ClientError;
 use crate::protocol::RoomName;
@@ -151,7 +151,7 @@ fn first_line(e: &mlua::Error) -> String {
 
 /// A plugin's VM and what it takes to run it.
 pub(crate) struct Core {
-    host: Arc<Host>,
+    /// The way out for what the script sends, and (`outlet.host`) the gateway it runs in.
     outlet: Arc<Outlet>,
     name: Arc<str>,
     /// (file name, source): to start the script afresh if its VM is wedged at its memory
@@ -185,9 +185,8 @@ fn thread_cpu() -> Duration {
 
 impl Core {
     pub(crate) fn new(outlet: Arc<Outlet>, name: Arc<str>, script: (String, String), vm: Vm) -> Core {
-        let host = outlet.host.clone();
-        let budget = host.settings.time_budget;
-        Core { host, outlet, name, script, vm, budget, last_log: None, suppressed: 0, thread_only_until: None }
+        let budget = outlet.host.settings.time_budget;
+        Core { outlet, name, script, vm, budget, last_log: None, suppressed: 0, thread_only_until: None }
     }
 
     /// Timers armed so far, counted; a change across a call means it armed one.
@@ -210,7 +209,7 @@ impl Core {
 
     /// False if the handler failed (an error, its time or its memory).
     fn handle(&mut self, conn: &Arc<Conn>, kind: &str, body: Map<String, serde_json::Value>) -> bool {
-        self.host.metrics.plugin_calls.fetch_add(1, Ordering::Relaxed);
+        self.outlet.host.metrics.plugin_calls.fetch_add(1, Ordering::Relaxed);
         let handler = self.vm.shared.handlers.lock().get(kind).cloned();
         let Some(handler) = handler else {
             // The script was replaced by one without this handler while the event queued.
@@ -223,7 +222,7 @@ impl Core {
             let event = lua.to_value(&body)?;
             handler.call::<mlua::MultiValue>((client, event))
         });
-        self.host.metrics.plugin_call_us.record_duration(started.elapsed());
+        self.outlet.host.metrics.plugin_call_us.record_duration(started.elapsed());
         match result {
             Ok(ret) => {
                 // `return "code", "message"` refuses the event with that error.
@@ -308,7 +307,7 @@ impl Core {
     /// fail too, so the script is started afresh and its in-memory state is lost.
     fn recover_memory(&mut self) {
         let _ = self.vm.lua.gc_collect();
-        let limit = self.host.settings.memory_limit_mb << 20;
+        let limit = self.outlet.host.settings.memory_limit_mb << 20;
         if self.vm.lua.used_memory() < limit / 4 * 3 {
             return;
         }
@@ -323,7 +322,7 @@ impl Core {
     }
 
     fn report(&mut self, what: &str, failure: Failure) {
-        let metrics = &self.host.metrics;
+        let metrics = &self.outlet.host.metrics;
         match failure {
             Failure::Timeout => metrics.plugin_timeouts.fetch_add(1, Ordering::Relaxed),
             _ => metrics.plugin_errors.fetch_add(1, Ordering::Relaxed),
@@ -340,7 +339,9 @@ impl Core {
         let suppressed = std::mem::take(&mut self.suppressed);
         let error = match failure {
             Failure::Timeout => format!("stopped after the time budget of {:?}", self.budget),
-            Failure::Memory => format!("stopped at the memory limit of {} MiB", self.host.settings.memory_limit_mb),
+            Failure::Memory => {
+                format!("stopped at the memory limit of {} MiB", self.outlet.host.settings.memory_limit_mb)
+            }
             Failure::Lua(e) => first_line(&e),
         };
         tracing::warn!(plugin = %self.name, handler = what, suppressed, "plugin error: {error}");
@@ -393,7 +394,7 @@ impl Worker {
             let was_job = job.is_some();
             match job {
                 Some(Job::Event { conn, kind, body }) => {
-                    core.host.metrics.plugin_events_on_thread.fetch_add(1, Ordering::Relaxed);
+                    core.outlet.host.metrics.plugin_events_on_thread.fetch_add(1, Ordering::Relaxed);
                     core.event(&conn, &kind, body);
                     self.pending.fetch_sub(1, Ordering::Relaxed);
                 }
