@@ -9,6 +9,12 @@ fn since_epoch() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
+/// Whole seconds since the Unix epoch (0 if the clock is set before it), as token expiry
+/// times are written.
+pub fn now_secs() -> u64 {
+    since_epoch().as_secs()
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is set before it).
 pub fn now_ms() -> i64 {
     since_epoch().as_millis() as i64

@@ -269,7 +269,7 @@ impl Hub {
     /// per connection.
     pub fn heartbeat(&self, timeout: Duration) {
         let ping = Frame::Ping(Default::default());
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::clock::now_secs();
         for conn in self.conns.iter() {
             if conn.idle_for() > timeout {
                 conn.outbox.close(CloseReason::HeartbeatTimeout);

@@ -8,7 +8,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -19,8 +18,7 @@ use crate::procs;
 /// `<out_dir>/<scenario>-<UTC timestamp>.json` and returns the path.
 pub fn write_json<T: Serialize>(out_dir: &Path, scenario: &str, result: &T) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let stamp = utc_stamp(secs);
+    let stamp = utc_stamp(rtgate::clock::now_secs());
     let doc = serde_json::json!({
         "tool": "rtgate-bench",
         "version": env!("CARGO_PKG_VERSION"),
