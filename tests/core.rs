@@ -307,6 +307,7 @@ async fn metrics_are_exposed_in_prometheus_text() {
     a.expect("chat_message").await;
     b.expect("chat_message").await;
     a.expect_error(json!({"type": "nope"}), "unknown_type").await;
+    gw.gateway().history.sync().await;
     let (status, headers, body) = http_get(gw.addr, "/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(header(&headers, "content-type").is_some_and(|c| c.starts_with("text/plain")));

@@ -13,7 +13,10 @@ use rtgate::history::Health;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// GET `path` once everything published so far is committed: with `batched` durability
+/// (the default) a message reaches clients before the database.
 async fn get_json(gw: &Gw, path: &str) -> (u16, Value) {
+    gw.gateway().history.sync().await;
     let (status, _, body) = http_get(gw.addr, path, &[]).await;
     (status, serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON from {path}: {body}")))
 }
@@ -415,6 +418,8 @@ async fn a_database_that_turns_read_only_mid_run_degrades_and_recovers() {
     a.expect("user_joined").await;
     a.send(json!({"type": "chat", "room": "ro", "message": "one"})).await;
     assert_eq!(b.expect("chat_message").await["seq"], 1);
+    // "one" is committed before the disk turns read-only.
+    gw.gateway().history.sync().await;
 
     let files: Vec<_> = ["h.db", "h.db-wal"].iter().map(|f| data.path().join(f)).collect();
     assert!(
@@ -599,6 +604,20 @@ async fn kill_9(durability: Durability) {
                 .unwrap_or_default();
             eprintln!("batched: {} delivered messages lost, delivered up to {window:?} before the kill", lost.len());
             assert!(window < Duration::from_millis(250), "lost messages delivered {window:?} before the kill");
+        }
+    }
+
+    // No number a client was given is given again: the first message after the restart
+    // is numbered past everything delivered before the kill.
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    c.join("crash").await;
+    c.send(json!({"type": "chat", "room": "crash", "message": "after the crash"})).await;
+    let seq = c.expect("chat_message").await["seq"].as_u64().unwrap();
+    let max_delivered = delivered.iter().max().copied().unwrap();
+    match durability {
+        Durability::PerMessage => assert_eq!(seq, max_stored + 1),
+        Durability::Batched => {
+            assert!(seq > max_delivered, "seq {seq} after the restart, {max_delivered} delivered before")
         }
     }
 }

@@ -177,7 +177,9 @@ pub(crate) struct Pending {
 
 enum ToWriter {
     Write(Pending),
-    /// Commit what is queued, give the database connection back, and stop (shutdown).
+    /// Commit what was queued before it, then answer.
+    Sync(oneshot::Sender<()>),
+    /// As `Sync`, then give the database connection back and stop (shutdown).
     Stop(oneshot::Sender<()>),
 }
 
@@ -231,6 +233,7 @@ impl History {
     async fn try_open(&self) -> bool {
         let result = async {
             let store = Store::open(&self.settings).await?;
+            store.begin_run(self.unclean_margin()).await?;
             let seqs = store.last_seqs().await?;
             Ok::<_, StoreError>((store, seqs))
         }
@@ -257,6 +260,15 @@ impl History {
                 self.set_health(Health::Unavailable(e.to_string()));
                 false
             }
+        }
+    }
+
+    /// The most messages this run can deliver before committing them: with `batched`
+    /// durability, a full queue and the batch being committed.
+    fn unclean_margin(&self) -> u64 {
+        match self.settings.durability {
+            Durability::PerMessage => 0,
+            Durability::Batched => (self.settings.queue + self.settings.batch_max) as u64,
         }
     }
 
@@ -394,6 +406,18 @@ impl History {
         vec![writer, maintenance]
     }
 
+    /// Returns once every message published before the call is committed (or its commit
+    /// failed): with `batched` durability, the point from which HTTP history has them.
+    pub async fn sync(&self) {
+        if !self.settings.enabled {
+            return;
+        }
+        let (done, synced) = oneshot::channel();
+        if self.writes.send(ToWriter::Sync(done)).await.is_ok() {
+            let _ = synced.await;
+        }
+    }
+
     /// Commits everything queued so far and closes the database (shutdown).
     pub async fn flush(&self) {
         if !self.settings.enabled {
@@ -404,6 +428,10 @@ impl History {
             let _ = flushed.await;
         }
         if let Some(store) = self.store.load_full() {
+            // Everything delivered is committed, unless the last commit failed.
+            if *self.health.borrow() == Health::Ok {
+                let _ = store.end_run().await;
+            }
             let _ = store.checkpoint().await;
             store.close().await;
         }
@@ -417,25 +445,36 @@ impl History {
                 Some(msg) => msg,
                 None => return,
             };
-            let mut stop = None;
+            // A Sync or Stop ends the batch: it is answered once what came before it is in.
+            let mut reply = None;
             let mut take = |msg: ToWriter, batch: &mut Vec<Pending>| match msg {
-                ToWriter::Write(p) => batch.push(p),
-                ToWriter::Stop(done) => stop = Some(done),
+                ToWriter::Write(p) => {
+                    batch.push(p);
+                    true
+                }
+                ToWriter::Sync(done) => {
+                    reply = Some((done, false));
+                    false
+                }
+                ToWriter::Stop(done) => {
+                    reply = Some((done, true));
+                    false
+                }
             };
-            take(first, &mut batch);
+            let mut more = take(first, &mut batch);
             let deadline = (self.settings.durability == Durability::Batched && !self.settings.batch_delay.is_zero())
                 .then(|| tokio::time::Instant::now() + self.settings.batch_delay);
-            while batch.len() < self.settings.batch_max {
-                match rx.try_recv() {
+            while more && batch.len() < self.settings.batch_max {
+                more = match rx.try_recv() {
                     Ok(msg) => take(msg, &mut batch),
                     Err(_) => match deadline {
                         Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
                             Ok(Some(msg)) => take(msg, &mut batch),
-                            _ => break,
+                            _ => false,
                         },
-                        None => break,
+                        None => false,
                     },
-                }
+                };
             }
             if !batch.is_empty() {
                 self.commit(&mut conn, &batch).await;
@@ -451,11 +490,15 @@ impl History {
                 }
                 batch.clear();
             }
-            if let Some(done) = stop {
-                // Returning drops the connection, which the pool needs back to close.
-                drop(conn);
-                let _ = done.send(());
-                return;
+            match reply {
+                Some((done, true)) => {
+                    // Returning drops the connection, which the pool needs back to close.
+                    drop(conn);
+                    let _ = done.send(());
+                    return;
+                }
+                Some((done, false)) => _ = done.send(()),
+                None => {}
             }
         }
     }
@@ -522,8 +565,10 @@ impl History {
         }
     }
 
-    /// Deletes what retention allows, in small chunks so the writer never waits long.
+    /// Deletes what retention allows of everything published so far, in small chunks so
+    /// the writer never waits long.
     pub async fn enforce_retention_now(&self) {
+        self.sync().await;
         if let Some(store) = self.store.load_full() {
             self.enforce_retention(&store).await;
         }

@@ -103,6 +103,47 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect())
     }
 
+    /// Starts a run. If the last run ended without [`Store::end_run`] while it could have
+    /// delivered uncommitted messages, every room's numbering moves past their numbers (see
+    /// migration 4). Then records `margin`, what this run can leave uncommitted (0 when
+    /// nothing is delivered before its commit).
+    pub async fn begin_run(&self, margin: u64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let crashed: Option<i64> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'unclean_margin'").fetch_optional(&mut *tx).await?;
+        if let Some(skip) = crashed {
+            let moved = sqlx::query(
+                "UPDATE rooms SET last_seq = \
+                 max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0)) + ?",
+            )
+            .bind(skip)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tracing::warn!(
+                rooms = moved,
+                skip,
+                "the last run did not shut down cleanly: numbering moves past what it may have delivered unstored"
+            );
+        }
+        if margin > 0 {
+            sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES ('unclean_margin', ?)")
+                .bind(margin as i64)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query("DELETE FROM meta WHERE key = 'unclean_margin'").execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends a run whose every delivered message is committed (clean shutdown).
+    pub async fn end_run(&self) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM meta WHERE key = 'unclean_margin'").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// A connection for the writer to keep.
     pub async fn writer(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
         Ok(self.pool.acquire().await?)

@@ -68,8 +68,8 @@ pub struct HistoryArgs {
     /// Measured seconds (after a 1 s warmup).
     #[arg(long, default_value_t = 5.0, value_parser = parse_measure_secs)]
     pub duration: f64,
-    /// `per_message` (the default) or `batched`.
-    #[arg(long, default_value = "per_message", value_parser = ["per_message", "batched"])]
+    /// `batched` (the default) or `per_message`.
+    #[arg(long, default_value = "batched", value_parser = ["batched", "per_message"])]
     pub durability: String,
 }
 
