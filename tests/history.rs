@@ -461,6 +461,8 @@ async fn a_full_database_degrades_and_recovers_when_retention_frees_space() {
         a.send(json!({"type": "chat", "room": "big", "message": text})).await;
         // Live delivery never stops.
         assert_eq!(a.expect("chat_message").await["seq"], n);
+        // One commit per message, so the health read next is this message's.
+        gw.gateway().history.sync().await;
     }
     assert!(healthz(&gw).await["history"]["error"].as_str().unwrap().to_lowercase().contains("full"));
     gw.gateway().history.enforce_retention_now().await;
@@ -506,6 +508,9 @@ async fn kill_9(durability: Durability) {
             .env("RTGATE__HISTORY__PATH", data.path().join("h.db"))
             .env("RTGATE__HISTORY__DURABILITY", mode)
             .env("RTGATE__RATE_LIMITS__ENABLED", "false")
+            // The observer reads as fast as a loaded CI machine lets it while two publishers
+            // flood: room for all they can send, so it is never closed as a slow consumer.
+            .env("RTGATE__LIMITS__OUTBOX_MESSAGES", "250000")
             .env("RTGATE__LOG__FILTER", "info")
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::piped())
