@@ -409,23 +409,26 @@ impl History {
     /// Returns once every message published before the call is committed (or its commit
     /// failed): with `batched` durability, the point from which HTTP history has them.
     pub async fn sync(&self) {
+        self.ask_writer(ToWriter::Sync).await;
+    }
+
+    /// Sends the writer a request behind everything queued and waits for its answer;
+    /// false when history is disabled.
+    async fn ask_writer(&self, request: fn(oneshot::Sender<()>) -> ToWriter) -> bool {
         if !self.settings.enabled {
-            return;
+            return false;
         }
-        let (done, synced) = oneshot::channel();
-        if self.writes.send(ToWriter::Sync(done)).await.is_ok() {
-            let _ = synced.await;
+        let (done, answered) = oneshot::channel();
+        if self.writes.send(request(done)).await.is_ok() {
+            let _ = answered.await;
         }
+        true
     }
 
     /// Commits everything queued so far and closes the database (shutdown).
     pub async fn flush(&self) {
-        if !self.settings.enabled {
+        if !self.ask_writer(ToWriter::Stop).await {
             return;
-        }
-        let (done, flushed) = oneshot::channel();
-        if self.writes.send(ToWriter::Stop(done)).await.is_ok() {
-            let _ = flushed.await;
         }
         if let Some(store) = self.store.load_full() {
             // Everything delivered is committed, unless the last commit failed.
