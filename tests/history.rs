@@ -399,8 +399,61 @@ async fn a_database_that_cannot_be_opened_does_not_stop_chat_and_is_retried() {
     assert_eq!(healthz(&gw).await["history"]["status"], "ok");
 }
 
+#[tokio::test]
+async fn a_read_only_database_file_at_start_is_reported_and_picked_up_when_writable() {
+    let data = tempfile::tempdir_in(repo_path("target")).unwrap();
+    let mut s = settings();
+    s.history.path = data.path().join("h.db");
+    s.history.retry_interval = Duration::from_millis(100);
+    let mut gw = Gw::start(s.clone()).await;
+    let mut a = gw.client().await;
+    a.join("ro").await;
+    a.send(json!({"type": "chat", "room": "ro", "message": "before"})).await;
+    assert_eq!(a.expect("chat_message").await["seq"], 1);
+    gw.shutdown().await;
+
+    let read_only = Immutable::new(vec![data.path().join("h.db")]);
+    let gw = Gw::start(s).await;
+    let health = healthz(&gw).await;
+    assert_eq!(health["history"]["status"], "unavailable", "{health}");
+    assert!(health["history"]["error"].as_str().unwrap().contains("readonly"), "{health}");
+    let mut a = gw.client().await;
+    a.join("ro").await;
+    a.send(json!({"type": "chat", "room": "ro", "message": "live anyway"})).await;
+    let m = a.expect("chat_message").await;
+    assert_eq!(m["message"], "live anyway");
+    assert!(m.get("seq").is_none(), "not stored, so not numbered: {m}");
+
+    drop(read_only);
+    await_health(&gw, |h| *h == Health::Ok).await;
+    a.send(json!({"type": "chat", "room": "ro", "message": "stored"})).await;
+    assert_eq!(a.expect("chat_message").await["seq"], 2);
+    let (_, page) = get_json(&gw, "/rooms/ro/history").await;
+    assert_eq!(seqs(&page), vec![1, 2]);
+}
+
 fn chattr(flag: &str, paths: &[std::path::PathBuf]) -> bool {
     std::process::Command::new("chattr").arg(flag).args(paths).status().is_ok_and(|s| s.success())
+}
+
+/// Files made immutable (`chattr +i`) until dropped, so that even a failing test leaves
+/// nothing `cargo clean` cannot delete. Panics when the file system refuses.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn new(paths: Vec<std::path::PathBuf>) -> Immutable {
+        assert!(
+            chattr("+i", &paths),
+            "this test needs `chattr +i` (root on ext4/xfs/btrfs); the target directory's file system refused it"
+        );
+        Immutable(paths)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
 }
 
 #[tokio::test]
@@ -422,10 +475,7 @@ async fn a_database_that_turns_read_only_mid_run_degrades_and_recovers() {
     gw.gateway().history.sync().await;
 
     let files: Vec<_> = ["h.db", "h.db-wal"].iter().map(|f| data.path().join(f)).collect();
-    assert!(
-        chattr("+i", &files),
-        "this test needs `chattr +i` (root on ext4/xfs/btrfs); the target directory's file system refused it"
-    );
+    let read_only = Immutable::new(files);
     a.send(json!({"type": "chat", "room": "ro", "message": "two"})).await;
     // Delivered all the same, without waiting for the disk.
     let m = b.expect("chat_message").await;
@@ -434,7 +484,7 @@ async fn a_database_that_turns_read_only_mid_run_degrades_and_recovers() {
     assert!(health.error().is_some());
     assert_eq!(healthz(&gw).await["history"]["status"], "degraded");
 
-    assert!(chattr("-i", &files));
+    drop(read_only);
     a.send(json!({"type": "chat", "room": "ro", "message": "three"})).await;
     assert_eq!(b.expect("chat_message").await["seq"], 3);
     await_health(&gw, |h| *h == Health::Ok).await;
