@@ -413,6 +413,15 @@ async fn a_read_only_database_file_at_start_is_reported_and_picked_up_when_writa
     gw.shutdown().await;
 
     let read_only = Immutable::new(vec![data.path().join("h.db")]);
+    // With per_message durability opening writes nothing: the old history can be read.
+    let mut per_message = s.clone();
+    per_message.history.durability = Durability::PerMessage;
+    let mut gw = Gw::start(per_message).await;
+    let (_, page) = get_json(&gw, "/rooms/ro/history").await;
+    assert_eq!(seqs(&page), vec![1]);
+    gw.shutdown().await;
+
+    // With batched durability opening records the run (for crash recovery), which fails.
     let gw = Gw::start(s).await;
     let health = healthz(&gw).await;
     assert_eq!(health["history"]["status"], "unavailable", "{health}");

@@ -131,7 +131,9 @@ impl Store {
                 .bind(margin as i64)
                 .execute(&mut *tx)
                 .await?;
-        } else {
+        } else if crashed.is_some() {
+            // Only then: a `per_message` run writes nothing here, so a read-only database
+            // still opens for reading.
             sqlx::query("DELETE FROM meta WHERE key = 'unclean_margin'").execute(&mut *tx).await?;
         }
         tx.commit().await?;
