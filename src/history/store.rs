@@ -20,6 +20,14 @@ use crate::config::{HistorySettings, Synchronous};
 /// Rows per multi-row INSERT: SQLite allows 32,766 bound parameters; 4 per row.
 const ROWS_PER_INSERT: usize = 128;
 const PAGE_BYTES: u64 = 4096;
+/// A room's last sequence number, in a query over `rooms`: the highest one stored, or, if
+/// retention deleted those, the highest it deleted (kept in `rooms.last_seq`).
+macro_rules! room_last_seq {
+    () => {
+        "max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0))"
+    };
+}
+const CLEAR_MARGIN: &str = "DELETE FROM meta WHERE key = 'unclean_margin'";
 const PAGE_BEFORE: &str = "SELECT seq, body FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?";
 
 #[derive(Debug, thiserror::Error)]
@@ -91,15 +99,10 @@ impl Store {
         Ok(Store { pool, inserts })
     }
 
-    /// Every room's last sequence number, to continue numbering after a restart: the
-    /// highest one stored, or, if retention deleted those, the highest it deleted.
+    /// Every room's last sequence number (see `room_last_seq!`), to continue numbering
+    /// after a restart.
     pub async fn last_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT name, max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0)) \
-             FROM rooms",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(concat!("SELECT name, ", room_last_seq!(), " FROM rooms")).fetch_all(&self.pool).await?;
         Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect())
     }
 
@@ -112,14 +115,11 @@ impl Store {
         let crashed: Option<i64> =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'unclean_margin'").fetch_optional(&mut *tx).await?;
         if let Some(skip) = crashed {
-            let moved = sqlx::query(
-                "UPDATE rooms SET last_seq = \
-                 max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0)) + ?",
-            )
-            .bind(skip)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let moved = sqlx::query(concat!("UPDATE rooms SET last_seq = ", room_last_seq!(), " + ?"))
+                .bind(skip)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             tracing::warn!(
                 rooms = moved,
                 skip,
@@ -134,7 +134,7 @@ impl Store {
         } else if crashed.is_some() {
             // Only then: a `per_message` run writes nothing here, so a read-only database
             // still opens for reading.
-            sqlx::query("DELETE FROM meta WHERE key = 'unclean_margin'").execute(&mut *tx).await?;
+            sqlx::query(CLEAR_MARGIN).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -142,7 +142,7 @@ impl Store {
 
     /// Ends a run whose every delivered message is committed (clean shutdown).
     pub async fn end_run(&self) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM meta WHERE key = 'unclean_margin'").execute(&self.pool).await?;
+        sqlx::query(CLEAR_MARGIN).execute(&self.pool).await?;
         Ok(())
     }
 
