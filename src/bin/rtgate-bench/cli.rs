@@ -42,6 +42,19 @@ pub enum Command {
     LuaHop(LuaHopArgs),
     /// In-process: messages persisted per second, publishing as fast as the writer keeps up.
     History(HistoryArgs),
+    /// The machine's latency floor: how long a busy core is kept from running (needs an
+    /// otherwise idle machine).
+    Stalls(StallArgs),
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct StallArgs {
+    /// Seconds to probe.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_measure_secs)]
+    pub seconds: f64,
+    /// Cores to keep busy, from core 0 (default: all).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cpus: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone, Serialize)]
@@ -190,6 +203,10 @@ pub struct CompareArgs {
     /// Concurrency in scenario (e).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub churn_concurrency: u32,
+    /// Seconds of the stall probe (see `stalls`) run before and after the scenarios; 0
+    /// skips it.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_warmup_secs)]
+    pub stall_probe: f64,
     /// The rtgate binary (build it first with `cargo build --release`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/rtgate"))]
     pub rtgate_bin: PathBuf,

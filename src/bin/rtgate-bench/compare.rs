@@ -19,6 +19,7 @@ use crate::fanout::{self, FanoutResult};
 use crate::idle::{self, IdleResult};
 use crate::procs::{self, Server, ServerKind};
 use crate::report::{Table, int, num};
+use crate::stalls::{self, StallResult};
 use crate::stats::median;
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +56,9 @@ pub struct Line {
 pub struct CompareResult {
     pub options: CompareArgs,
     pub node_version: String,
+    /// The stall probe before the first scenario and after the last (`None`: skipped).
+    pub stalls_before: Option<StallResult>,
+    pub stalls_after: Option<StallResult>,
     pub runs: Vec<RunRecord>,
     pub summary: Vec<Line>,
 }
@@ -101,6 +105,7 @@ pub async fn run(o: &CompareArgs, fd_limit: u64) -> Result<CompareResult> {
         .with_context(|| format!("running {} --version (is Node.js installed?)", o.node.display()))?;
     let node_version = String::from_utf8_lossy(&node_version.stdout).trim().to_string();
 
+    let stalls_before = stall_probe(o, "before").await?;
     let mut runs = Vec::new();
     for round in 1..=o.rounds {
         for kind in [ServerKind::Rtgate, ServerKind::SeedWs] {
@@ -125,8 +130,33 @@ pub async fn run(o: &CompareArgs, fd_limit: u64) -> Result<CompareResult> {
             }
         }
     }
+    let stalls_after = stall_probe(o, "after").await?;
     let summary = summarize(&runs, &o.scenarios);
-    Ok(CompareResult { options: o.clone(), node_version, runs, summary })
+    Ok(CompareResult { options: o.clone(), node_version, stalls_before, stalls_after, runs, summary })
+}
+
+/// The machine's floor, measured on a quiet machine with no server running.
+async fn stall_probe(o: &CompareArgs, when: &str) -> Result<Option<StallResult>> {
+    if o.stall_probe == 0.0 {
+        return Ok(None);
+    }
+    let (quiet, busy) = procs::wait_for_quiet(Duration::from_secs_f64(o.quiet_wait), QUIET_PERCENT).await;
+    if !quiet {
+        eprintln!("  warning: the machine is still {busy:.0}% busy; probing anyway");
+    }
+    eprintln!("stall probe ({when}): every core busy for {} s…", o.stall_probe);
+    let r = stalls::run(o.stall_probe, None).await?;
+    eprintln!("  {}", stall_brief(&r));
+    Ok(Some(r))
+}
+
+fn stall_brief(r: &StallResult) -> String {
+    format!(
+        "stalls > 1 ms: {:.1}/s over all cores, longest {:.3} ms, time lost to stalls > 100 µs: {:.2}% per core",
+        r.over_1ms_per_s(),
+        r.max_ms(),
+        r.lost_percent()
+    )
 }
 
 /// Starts a fresh server, runs one scenario against it, stops it.
@@ -290,6 +320,14 @@ fn summarize(runs: &[RunRecord], scenarios: &[Scenario]) -> Vec<Line> {
         "rtgate ≤ 0.5 ms",
         &at_most(0.5),
     );
+    add(
+        "(b) % of deliveries ≤ 0.5 ms",
+        Scenario::B,
+        &fan(|r| r.latency.within_500us_percent),
+        Better::Higher,
+        "-",
+        &none,
+    );
     add("(b) lost/dup/unexpected", Scenario::B, &missing, Better::Lower, "0", &zero);
     add("(c) p50 latency ms", Scenario::C, &fan(|r| r.latency.p50_us / 1e3), Better::Lower, "-", &none);
     add(
@@ -299,6 +337,14 @@ fn summarize(runs: &[RunRecord], scenarios: &[Scenario]) -> Vec<Line> {
         Better::Lower,
         "rtgate ≤ 0.3 ms",
         &at_most(0.3),
+    );
+    add(
+        "(c) % of deliveries ≤ 0.3 ms",
+        Scenario::C,
+        &fan(|r| r.latency.within_300us_percent),
+        Better::Higher,
+        "-",
+        &none,
     );
     add("(c) lost/dup/unexpected", Scenario::C, &missing, Better::Lower, "0", &zero);
     for s in [Scenario::A, Scenario::B, Scenario::C] {
@@ -370,5 +416,11 @@ pub fn table(r: &CompareResult) -> String {
             },
         ]);
     }
-    t.render()
+    let mut out = t.render();
+    for (when, probe) in [("before", &r.stalls_before), ("after", &r.stalls_after)] {
+        if let Some(p) = probe {
+            out.push_str(&format!("\nmachine floor ({when}, stall probe): {}", stall_brief(p)));
+        }
+    }
+    out
 }

@@ -19,6 +19,7 @@ mod inproc;
 mod pacing;
 mod procs;
 mod report;
+mod stalls;
 mod stats;
 mod wire;
 
@@ -91,6 +92,10 @@ async fn dispatch(cli: Cli, fd_limit: u64) -> Result<bool> {
         Command::History(args) => {
             let r = inproc::history(&args)?;
             finish(out, "history", &r, &inproc::history_table(&r))?;
+        }
+        Command::Stalls(args) => {
+            let r = stalls::run(args.seconds, args.cpus.map(|n| n as usize)).await?;
+            finish(out, "stalls", &r, &stalls::table(&r))?;
         }
     }
     Ok(true)

@@ -30,6 +30,10 @@ pub struct LatencySummary {
     pub p999_us: f64,
     pub max_us: f64,
     pub mean_us: f64,
+    /// Share of the samples at or under the (c) and (b) targets, in %: how far a missed
+    /// p99 is from being met.
+    pub within_300us_percent: f64,
+    pub within_500us_percent: f64,
 }
 
 impl LatencySummary {
@@ -46,6 +50,8 @@ impl LatencySummary {
             p999_us: us(h.value_at_quantile(0.999)),
             max_us: us(h.max()),
             mean_us: h.mean() / 1_000.0,
+            within_300us_percent: h.percentile_below(300_000u64),
+            within_500us_percent: h.percentile_below(500_000u64),
         }
     }
 }
