@@ -226,9 +226,13 @@ impl Publisher<'_> {
             {
                 let total = delivered() - r0;
                 // Let what is in flight land before the next phase starts counting.
-                let drain_until = Instant::now() + Duration::from_secs(10);
-                while self.seen.load(Ordering::Relaxed) < self.sent && Instant::now() < drain_until {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                // The reader's `notify_one` leaves a permit when nobody waits, so an echo
+                // landing between the check and the await is not missed.
+                let drain_until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while self.seen.load(Ordering::Relaxed) < self.sent {
+                    if tokio::time::timeout_at(drain_until, self.echoed.notified()).await.is_err() {
+                        break;
+                    }
                 }
                 return Ok(total as f64 / now.duration_since(t0).as_secs_f64());
             }
