@@ -890,6 +890,7 @@ pub fn table(r: &FanoutResult) -> String {
         format!("{:.3} / {:.3} / {:.3} / {:.3} ms", l.p50_us / 1e3, l.p90_us / 1e3, l.p99_us / 1e3, l.max_us / 1e3),
     );
     row("latency samples", int(l.samples));
+    row("within 0.3 / 0.5 ms", format!("{:.1}% / {:.1}%", l.within_300us_percent, l.within_500us_percent));
     if o.rate > 0 {
         row("late sends (>1 ms) / max lag", format!("{} / {:.3} ms", r.sent.late_sends, r.sent.max_lag_us / 1e3));
     }
