@@ -146,17 +146,8 @@ async fn stall_probe(o: &CompareArgs, when: &str) -> Result<Option<StallResult>>
     }
     eprintln!("stall probe ({when}): every core busy for {} s…", o.stall_probe);
     let r = stalls::run(o.stall_probe, None).await?;
-    eprintln!("  {}", stall_brief(&r));
+    eprintln!("  {}", r.brief());
     Ok(Some(r))
-}
-
-fn stall_brief(r: &StallResult) -> String {
-    format!(
-        "stalls > 1 ms: {:.1}/s over all cores, longest {:.3} ms, time lost to stalls > 100 µs: {:.2}% per core",
-        r.over_1ms_per_s(),
-        r.max_ms(),
-        r.lost_percent()
-    )
 }
 
 /// Starts a fresh server, runs one scenario against it, stops it.
@@ -419,7 +410,7 @@ pub fn table(r: &CompareResult) -> String {
     let mut out = t.render();
     for (when, probe) in [("before", &r.stalls_before), ("after", &r.stalls_after)] {
         if let Some(p) = probe {
-            out.push_str(&format!("\nmachine floor ({when}, stall probe): {}", stall_brief(p)));
+            out.push_str(&format!("\nmachine floor ({when}, stall probe): {}", p.brief()));
         }
     }
     out

@@ -53,6 +53,16 @@ impl StallResult {
     pub fn max_ms(&self) -> f64 {
         self.cores.iter().map(|c| c.max_ms).fold(0.0, f64::max)
     }
+
+    /// One line for all cores.
+    pub fn brief(&self) -> String {
+        format!(
+            "stalls > 1 ms: {:.1}/s over all cores, longest {:.3} ms, time lost to stalls > 100 µs: {:.2}% per core",
+            self.over_1ms_per_s(),
+            self.max_ms(),
+            self.lost_percent()
+        )
+    }
 }
 
 /// Spins on `cpus` cores (all of them when `None`) for `seconds`.
