@@ -104,6 +104,8 @@ pub struct HistorySettings {
     pub max_db_bytes: u64,
     #[serde(deserialize_with = "duration")]
     pub retry_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub unload_after: Duration,
 }
 
 /// When a persisted message is delivered relative to its commit (see docs/history.md).
@@ -244,6 +246,7 @@ impl Settings {
         check(h.max_catchup >= 1, "history.max_catchup", "must be at least 1")?;
         check(!h.retention_interval.is_zero(), "history.retention_interval", "must be greater than zero")?;
         check(!h.retry_interval.is_zero(), "history.retry_interval", "must be greater than zero")?;
+        check(!h.unload_after.is_zero(), "history.unload_after", "must be greater than zero")?;
         check(
             h.max_db_bytes == 0 || h.max_db_bytes >= 1 << 20,
             "history.max_db_bytes",

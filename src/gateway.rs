@@ -106,7 +106,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::default());
     let history = History::open(settings.history.clone(), metrics.clone()).await;
     let hub = Arc::new(Hub::new(metrics.clone(), history.clone(), settings.limits.max_members_per_room));
-    let mut background = history.start_tasks(hub.clone());
+    let mut background = {
+        let hub = hub.clone();
+        history.start_tasks(Arc::new(move |room, frame, exclude| {
+            hub.deliver(room, frame, exclude);
+        }))
+    };
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker(hub.clone()));
     let (output, plugin_output) = tokio::sync::mpsc::channel(crate::plugins::OUTPUT_QUEUE);
     background.push(tokio::spawn(crate::plugins::deliver_output(plugin_output, hub.clone(), broker.clone())));

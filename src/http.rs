@@ -397,6 +397,8 @@ fn healthz(gw: Arc<Gateway>) -> Response {
         status: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// Rooms whose history state is in memory (see `history.unload_after`).
+        rooms: usize,
     }
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -418,7 +420,11 @@ fn healthz(gw: Arc<Gateway>) -> Response {
         } else {
             "degraded"
         },
-        history: History { status: history.label(), error: history.error().map(str::to_string) },
+        history: History {
+            status: history.label(),
+            error: history.error().map(str::to_string),
+            rooms: gw.history.streams_in_memory(),
+        },
         connections: gw.hub.connection_count(),
         rooms: gw.hub.room_count(),
         uptime_seconds: gw.epoch.elapsed().as_secs(),

@@ -15,10 +15,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::config::Durability;
 use crate::conn::{CloseReason, Conn, Push};
 use crate::error::ClientError;
-use crate::history::{self, History, Pending};
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Frame, RoomName};
 
@@ -95,17 +94,21 @@ impl Hub {
     /// the joiner then gets every persisted message after `since` it missed, before any
     /// live one. Joining a room one is already in repeats `room_joined` only.
     pub async fn join(&self, conn: &Arc<Conn>, room: &RoomName, since: Option<u64>) -> Result<(), ClientError> {
+        // Boxed: reading a room's numbering back is a large future, and most joins find
+        // it in memory.
+        let stream = Box::pin(self.history.load(room)).await;
         let Some(since) = since else {
-            match self.history.existing(room) {
+            match stream {
                 Some(stream) => {
                     let st = stream.lock();
-                    self.join_locked(conn, room, Some(st.delivered()), None, false)?;
+                    let seq = Some(st.delivered()).filter(|s| *s > 0);
+                    self.join_locked(conn, room, seq, None, false)?;
                 }
                 None => self.join_locked(conn, room, None, None, false)?,
             }
             return Ok(());
         };
-        let Some(stream) = self.history.stream(room) else {
+        let Some(stream) = stream else {
             // No history to catch up from: join, and say so.
             return self.join_locked(conn, room, None, Some((since, None)), false);
         };
@@ -117,9 +120,8 @@ impl Hub {
             self.join_locked(conn, room, Some(plan.seq), None, true)?;
             plan
         };
-        let (frames, gap) = self.history.finish_catch_up(room, since, plan).await;
-        let gap = gap.map(|(after, before)| protocol::history_gap(room, after, before));
-        conn.outbox.release(gap.into_iter().chain(frames));
+        let frames = self.history.finish_catch_up(room, since, plan).await;
+        conn.outbox.release(frames);
         Ok(())
     }
 
@@ -168,35 +170,15 @@ impl Hub {
     }
 
     /// Publishes a serialized message to `room`. With `persist` (and history available), it
-    /// gets the room's next sequence number and is stored; returns that number.
+    /// gets the room's next sequence number and is stored; returns that number when known.
     pub fn publish(&self, room: &RoomName, body: String, exclude: Option<&str>, persist: bool) -> Option<u64> {
-        let stream = if persist { self.history.stream(room) } else { None };
-        let Some(stream) = stream else {
+        if !persist {
             self.deliver(room, &Frame::text(body), exclude);
             return None;
-        };
-        let keep = self.history.keep();
-        let mut st = stream.lock();
-        let seq = st.next_seq();
-        let frame = Frame::text(history::with_seq(&body, seq));
-        let per_message = self.history.durability() == Durability::PerMessage;
-        let pending = Pending {
-            room: room.clone(),
-            stream: stream.clone(),
-            seq,
-            created_ms: crate::clock::now_ms(),
-            frame: frame.clone(),
-            deliver: per_message.then(|| exclude.map(Arc::from)),
-        };
-        // Queue before delivering: the writer sees a room's messages in seq order.
-        let queued = self.history.enqueue(pending).is_ok();
-        if !per_message || !queued {
-            // Batched, or the writer is overwhelmed: deliver now; live chat never waits
-            // for the disk.
-            self.deliver(room, &frame, exclude);
-            st.mark_delivered(seq, &frame, keep);
         }
-        Some(seq)
+        self.history.publish(room, body, exclude, &|frame| {
+            self.deliver(room, frame, exclude);
+        })
     }
 
     /// Removes `conn` from `room`; the remaining members get `user_left`.

@@ -89,6 +89,10 @@ pub struct Metrics {
     pub history_write_errors: AtomicU64,
     /// Messages delivered but not stored because the writer's queue was full.
     pub history_dropped: AtomicU64,
+    /// Rooms whose history state is in memory.
+    pub history_streams: AtomicI64,
+    /// Rooms holding a sequence reservation ahead of their numbering.
+    pub history_reserved_rooms: AtomicI64,
     pub history_batch_rows: Histogram,
     pub history_commit_us: Histogram,
 }
@@ -122,6 +126,8 @@ impl Default for Metrics {
             history_commit_micros: AtomicU64::new(0),
             history_write_errors: AtomicU64::new(0),
             history_dropped: AtomicU64::new(0),
+            history_streams: AtomicI64::new(0),
+            history_reserved_rooms: AtomicI64::new(0),
             history_batch_rows: Histogram::new(BATCH_ROWS),
             history_commit_us: Histogram::new(LATENCY_US),
         }
@@ -197,6 +203,16 @@ impl Metrics {
                 "rtgate_history_dropped_total",
                 "Messages delivered unstored because the writer queue was full.",
                 count(&self.history_dropped),
+            ),
+            (
+                "rtgate_history_rooms_in_memory",
+                "Rooms whose history state (numbering, newest messages) is in memory.",
+                gauge(&self.history_streams),
+            ),
+            (
+                "rtgate_history_rooms_reserved",
+                "Rooms that may deliver numbers ahead of their commit (batched durability); after a crash only these skip numbers.",
+                gauge(&self.history_reserved_rooms),
             ),
         ];
         for (name, help, (kind, value)) in lines {

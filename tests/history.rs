@@ -130,6 +130,15 @@ async fn http_paging_forwards_and_backwards() {
     assert_eq!(past_end["messages"], json!([]));
     assert_eq!(past_end["next"], Value::Null);
 
+    // Cursors beyond every number a room can reach (up to 2^64 - 1) do not wrap around.
+    for huge in ["9223372036854775807", "9223372036854775808", "18446744073709551615"] {
+        let (status, page) = get_json(&gw, &format!("/rooms/pages/history?after={huge}")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!((page["messages"].clone(), page["next"].clone()), (json!([]), Value::Null), "after={huge}");
+        let (_, page) = get_json(&gw, &format!("/rooms/pages/history?before={huge}")).await;
+        assert_eq!(seqs(&page), (71..=120).collect::<Vec<_>>(), "before={huge} is the newest page");
+    }
+
     let (_, capped) = get_json(&gw, "/rooms/pages/history?after=0&limit=1000").await;
     assert_eq!(seqs(&capped).len(), 100, "limit is capped by history.page_limit_max");
 
@@ -139,6 +148,7 @@ async fn http_paging_forwards_and_backwards() {
 
     for bad in [
         "/rooms/pages/history?after=-1",
+        "/rooms/pages/history?after=18446744073709551616",
         "/rooms/pages/history?after=abc",
         "/rooms/pages/history?limit=0",
         "/rooms/pages/history?limit=x",
@@ -305,19 +315,33 @@ async fn retention_keeps_the_newest_per_room_and_drops_the_old() {
 #[tokio::test]
 async fn retention_by_age() {
     let mut s = settings();
-    s.history.max_age = Duration::from_millis(50);
+    s.history.max_age = Duration::from_secs(60);
     let gw = Gw::start(s).await;
     let mut c = gw.client().await;
     c.join("old").await;
     publish(&mut c, "old", "m", 5).await;
     read_seqs(&mut c, 5).await;
-    // Let the five messages age past max_age: this wait is the thing under test.
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    // Everything stored so far is at least a millisecond older than what follows.
+    let split = past_now().await;
     c.send(json!({"type": "chat", "room": "old", "message": "fresh"})).await;
     read_seqs(&mut c, 6).await;
-    gw.gateway().history.enforce_retention_now().await;
+    // Retention as it runs one minute after `split`: the five are older than max_age.
+    gw.gateway().history.enforce_retention_at(split + 60_000).await;
     let (_, page) = get_json(&gw, "/rooms/old/history").await;
     assert_eq!(seqs(&page), vec![6]);
+}
+
+/// The wall clock in milliseconds, once it has moved past the moment of the call: every
+/// message created before the call is stamped earlier than the time returned.
+async fn past_now() -> i64 {
+    let before = rtgate::clock::now_ms();
+    loop {
+        let now = rtgate::clock::now_ms();
+        if now > before {
+            return now;
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Retention may delete every message of a room: numbering still continues after it, and
@@ -327,21 +351,20 @@ async fn numbering_survives_a_room_emptied_by_retention_and_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let mut s = settings();
     s.history.path = data.path().join("h.db");
-    s.history.max_age = Duration::from_millis(50);
+    s.history.max_age = Duration::from_secs(60);
     let mut gw = Gw::start(s.clone()).await;
     let mut c = gw.client().await;
     c.join("gone").await;
     publish(&mut c, "gone", "m", 4).await;
     read_seqs(&mut c, 4).await;
-    // Let the messages age past max_age: this wait is the thing under test.
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    gw.gateway().history.enforce_retention_now().await;
+    let later = past_now().await + 60_000;
+    gw.gateway().history.enforce_retention_at(later).await;
     let (_, page) = get_json(&gw, "/rooms/gone/history").await;
     assert_eq!(seqs(&page), Vec::<u64>::new());
     c.send(json!({"type": "chat", "room": "gone", "message": "next"})).await;
     assert_eq!(c.expect("chat_message").await["seq"], 5);
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    gw.gateway().history.enforce_retention_now().await;
+    let later = past_now().await + 60_000;
+    gw.gateway().history.enforce_retention_at(later).await;
     gw.shutdown().await;
 
     let gw = Gw::start(s).await;
@@ -350,6 +373,40 @@ async fn numbering_survives_a_room_emptied_by_retention_and_a_restart() {
     c.join("gone").await;
     c.send(json!({"type": "chat", "room": "gone", "message": "after"})).await;
     assert_eq!(c.expect("chat_message").await["seq"], 6);
+}
+
+/// Anyone may publish to any room name: rooms nobody uses any more must not stay in
+/// memory. Their state is dropped, counted in `/healthz` and `/metrics`, and read back from
+/// the database when the room is used again.
+#[tokio::test]
+async fn idle_rooms_are_unloaded_and_read_back_when_used_again() {
+    let mut s = settings();
+    s.history.unload_after = Duration::from_millis(100);
+    let gw = Gw::start(s).await;
+    let mut c = gw.client().await;
+    for i in 0..50 {
+        c.send(json!({"type": "chat", "room": format!("spam-{i}"), "message": "x"})).await;
+    }
+    c.sync().await;
+    gw.gateway().history.sync().await;
+    assert!(healthz(&gw).await["history"]["rooms"].as_u64().unwrap() >= 50);
+    assert!(gw.metric("rtgate_history_rooms_in_memory").await >= 50.0);
+    await_metric(gw.addr, "rtgate_history_rooms_in_memory", |n| n == 0.0).await;
+    assert_eq!(healthz(&gw).await["history"]["rooms"], 0);
+
+    // Used again: numbering continues, and catch-up reads what memory no longer has.
+    c.send(json!({"type": "join_room", "room": "spam-7", "since": 0})).await;
+    assert_eq!(c.recv().await, json!({"type": "room_joined", "room": "spam-7", "members": [c.id], "seq": 1}));
+    let m = c.expect("chat_message").await;
+    assert_eq!((m["message"].as_str(), m["seq"].as_u64()), (Some("x"), Some(1)));
+    c.send(json!({"type": "chat", "room": "spam-7", "message": "again"})).await;
+    assert_eq!(c.expect("chat_message").await["seq"], 2);
+    // A room unloaded while a message to it is on its way is numbered by the writer.
+    await_metric(gw.addr, "rtgate_history_rooms_in_memory", |n| n == 0.0).await;
+    c.send(json!({"type": "chat", "room": "spam-7", "message": "third"})).await;
+    c.send(json!({"type": "chat", "room": "spam-7", "message": "fourth"})).await;
+    assert_eq!(c.expect("chat_message").await["seq"], 3);
+    assert_eq!(c.expect("chat_message").await["seq"], 4);
 }
 
 async fn await_health(gw: &Gw, want: impl Fn(&Health) -> bool) -> Health {
@@ -400,11 +457,10 @@ async fn a_database_that_cannot_be_opened_does_not_stop_chat_and_is_retried() {
 }
 
 #[tokio::test]
-async fn a_read_only_database_file_at_start_is_reported_and_picked_up_when_writable() {
+async fn a_read_only_database_file_is_read_and_written_again_when_writable() {
     let data = tempfile::tempdir_in(repo_path("target")).unwrap();
     let mut s = settings();
     s.history.path = data.path().join("h.db");
-    s.history.retry_interval = Duration::from_millis(100);
     let mut gw = Gw::start(s.clone()).await;
     let mut a = gw.client().await;
     a.join("ro").await;
@@ -413,32 +469,33 @@ async fn a_read_only_database_file_at_start_is_reported_and_picked_up_when_writa
     gw.shutdown().await;
 
     let read_only = Immutable::new(vec![data.path().join("h.db")]);
-    // With per_message durability opening writes nothing: the old history can be read.
-    let mut per_message = s.clone();
-    per_message.history.durability = Durability::PerMessage;
-    let mut gw = Gw::start(per_message).await;
-    let (_, page) = get_json(&gw, "/rooms/ro/history").await;
-    assert_eq!(seqs(&page), vec![1]);
-    gw.shutdown().await;
+    // Opening writes nothing, with either durability: the old history can be read.
+    for durability in [Durability::PerMessage, Durability::Batched] {
+        let mut s = s.clone();
+        s.history.durability = durability;
+        let mut gw = Gw::start(s).await;
+        assert_eq!(healthz(&gw).await["history"]["status"], "ok");
+        let (_, page) = get_json(&gw, "/rooms/ro/history").await;
+        assert_eq!(seqs(&page), vec![1]);
+        gw.shutdown().await;
+    }
 
-    // With batched durability opening records the run (for crash recovery), which fails.
+    // Writing fails: live chat goes on, numbered, and the failure is reported.
     let gw = Gw::start(s).await;
-    let health = healthz(&gw).await;
-    assert_eq!(health["history"]["status"], "unavailable", "{health}");
-    assert!(health["history"]["error"].as_str().unwrap().contains("readonly"), "{health}");
     let mut a = gw.client().await;
     a.join("ro").await;
     a.send(json!({"type": "chat", "room": "ro", "message": "live anyway"})).await;
     let m = a.expect("chat_message").await;
-    assert_eq!(m["message"], "live anyway");
-    assert!(m.get("seq").is_none(), "not stored, so not numbered: {m}");
+    assert_eq!((m["message"].as_str(), m["seq"].as_u64()), (Some("live anyway"), Some(2)));
+    let health = await_health(&gw, |h| matches!(h, Health::Degraded(_))).await;
+    assert!(health.error().unwrap().contains("readonly"), "{health:?}");
 
     drop(read_only);
-    await_health(&gw, |h| *h == Health::Ok).await;
     a.send(json!({"type": "chat", "room": "ro", "message": "stored"})).await;
-    assert_eq!(a.expect("chat_message").await["seq"], 2);
+    assert_eq!(a.expect("chat_message").await["seq"], 3);
+    await_health(&gw, |h| *h == Health::Ok).await;
     let (_, page) = get_json(&gw, "/rooms/ro/history").await;
-    assert_eq!(seqs(&page), vec![1, 2]);
+    assert_eq!(seqs(&page), vec![1, 3]);
 }
 
 fn chattr(flag: &str, paths: &[std::path::PathBuf]) -> bool {
@@ -591,7 +648,17 @@ async fn kill_9(durability: Durability) {
 
     let (child, addr) = start();
     let mut child = KillOnDrop(child);
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
     let url = format!("ws://{addr}/ws");
+    // A calm room: three messages, all committed and its numbering settled before the
+    // crash (no reservation left ahead of it).
+    let mut calm = Client::connect(&url).await;
+    calm.join("calm").await;
+    publish(&mut calm, "calm", "c", 3).await;
+    read_seqs(&mut calm, 3).await;
+    await_metric(addr, "rtgate_history_rooms_reserved", |n| n == 0.0).await;
+
+    // A busy room, flooded until the kill.
     let mut observer = Client::connect(&url).await;
     observer.join("crash").await;
     let mut publishers = Vec::new();
@@ -636,11 +703,12 @@ async fn kill_9(durability: Durability) {
 
     let (child, addr) = start();
     let _child = KillOnDrop(child);
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let url = format!("ws://{addr}/ws");
     let mut stored = HashSet::new();
     let mut after = 0;
     loop {
-        let (_, _, body) =
-            http_get(addr.parse().unwrap(), &format!("/rooms/crash/history?after={after}&limit=500"), &[]).await;
+        let (_, _, body) = http_get(addr, &format!("/rooms/crash/history?after={after}&limit=500"), &[]).await;
         let page: Value = serde_json::from_str(&body).unwrap();
         for m in page["messages"].as_array().unwrap() {
             stored.insert(m["seq"].as_u64().unwrap());
@@ -654,34 +722,51 @@ async fn kill_9(durability: Durability) {
     assert_eq!(stored.len() as u64, max_stored, "what is stored has no holes");
     let mut lost: Vec<u64> = delivered.difference(&stored).copied().collect();
     lost.sort();
+    let max_delivered = delivered.iter().max().copied().unwrap();
     match durability {
         Durability::PerMessage => assert!(lost.is_empty(), "delivered but lost: {lost:?}"),
         Durability::Batched => {
-            // Only the tail can be lost, and only what was delivered within the window
-            // before the kill (batch_delay 2 ms + a commit; 250 ms allows for a loaded CI).
+            // Only the tail can be lost. How long before the kill it was delivered is the
+            // batched window, reported (a benchmark's business, not a test's).
             assert!(lost.iter().all(|s| *s > max_stored), "lost {lost:?} below the stored maximum {max_stored}");
-            let window = lost
-                .iter()
-                .filter_map(|s| last_at.get(s))
-                .map(|t| killed_at.duration_since(*t))
-                .max()
-                .unwrap_or_default();
+            let window = lost.iter().filter_map(|s| last_at.get(s)).map(|t| killed_at.duration_since(*t)).max();
             eprintln!("batched: {} delivered messages lost, delivered up to {window:?} before the kill", lost.len());
-            assert!(window < Duration::from_millis(250), "lost messages delivered {window:?} before the kill");
         }
     }
 
-    // No number a client was given is given again: the first message after the restart
-    // is numbered past everything delivered before the kill.
-    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
-    c.join("crash").await;
-    c.send(json!({"type": "chat", "room": "crash", "message": "after the crash"})).await;
-    let seq = c.expect("chat_message").await["seq"].as_u64().unwrap();
-    let max_delivered = delivered.iter().max().copied().unwrap();
+    // The calm room keeps its numbering: a client that saw all three has nothing to catch
+    // up and is told of no gap; the next message is 4.
+    let mut c = Client::connect(&url).await;
+    c.send(json!({"type": "join_room", "room": "calm", "since": 3})).await;
+    assert_eq!(c.recv().await, json!({"type": "room_joined", "room": "calm", "members": [c.id], "seq": 3}));
+    c.send(json!({"type": "chat", "room": "calm", "message": "after the crash"})).await;
+    let m = c.recv().await;
+    assert_eq!((m["type"].as_str(), m["seq"].as_u64()), (Some("chat_message"), Some(4)), "{m}");
+
+    // The busy room continues past every number a client was given, and past what was
+    // stored by at most its reservation (`history.batch_max`, 1024): a client that has
+    // everything stored may have missed what lies between, and is told so.
+    c.send(json!({"type": "join_room", "room": "crash", "since": max_stored})).await;
+    let joined = c.expect("room_joined").await;
+    let base = joined["seq"].as_u64().unwrap();
     match durability {
-        Durability::PerMessage => assert_eq!(seq, max_stored + 1),
+        Durability::PerMessage => assert_eq!(base, max_stored),
         Durability::Batched => {
-            assert!(seq > max_delivered, "seq {seq} after the restart, {max_delivered} delivered before")
+            assert!(base >= max_delivered, "numbering at {base} after the restart, {max_delivered} delivered before");
+            assert!(base <= max_stored + 1024, "numbering jumped from {max_stored} to {base}");
         }
     }
+    if base > max_stored {
+        assert_eq!(
+            c.recv().await,
+            json!({"type": "history_gap", "room": "crash", "after": max_stored, "before": base + 1})
+        );
+    }
+    // One that saw the room's last number has missed nothing.
+    let mut d = Client::connect(&url).await;
+    d.send(json!({"type": "join_room", "room": "crash", "since": base})).await;
+    assert_eq!(d.recv().await, json!({"type": "room_joined", "room": "crash", "members": [c.id, d.id], "seq": base}));
+    d.send(json!({"type": "chat", "room": "crash", "message": "after the crash"})).await;
+    let m = d.recv().await;
+    assert_eq!((m["type"].as_str(), m["seq"].as_u64()), (Some("chat_message"), Some(base + 1)), "{m}");
 }

@@ -11,24 +11,24 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, Sqlite, SqlitePool};
 
 use crate::config::{HistorySettings, Synchronous};
 
 /// Rows per multi-row INSERT: SQLite allows 32,766 bound parameters; 4 per row.
 const ROWS_PER_INSERT: usize = 128;
 const PAGE_BYTES: u64 = 4096;
-/// A room's last sequence number, in a query over `rooms`: the highest one stored, or, if
-/// retention deleted those, the highest it deleted (kept in `rooms.last_seq`).
-macro_rules! room_last_seq {
-    () => {
-        "max(last_seq, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0))"
-    };
-}
-const CLEAR_MARGIN: &str = "DELETE FROM meta WHERE key = 'unclean_margin'";
+/// Where a room's numbering continues, in a query over `rooms`: the largest of its highest
+/// stored seq, the highest one retention deleted (`last_seq`) and its reservation (numbers
+/// that may have been delivered before a crash kept them from being stored).
+const ROOM_BASE: &str = "SELECT max(last_seq, reserved, coalesce((SELECT max(seq) FROM messages WHERE room = rooms.name), 0)) \
+     FROM rooms WHERE name = ?";
 const PAGE_BEFORE: &str = "SELECT seq, body FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?";
+/// Reservation statements are built for this many rooms at most; larger sets are chunked,
+/// smaller ones padded to the next power of two (repeating a pair changes nothing), so a
+/// handful of statement texts covers every size.
+const ROOMS_PER_UPDATE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,7 +49,12 @@ pub struct Record {
 }
 
 pub struct Store {
+    /// For reads and maintenance.
     pool: SqlitePool,
+    /// For the writer's own connection, kept outside the pool: a connection that failed to
+    /// write is closed and replaced, and one opened while the file was read-only (SQLite
+    /// then falls back to a read-only handle) must never be handed back to the writer.
+    options: SqliteConnectOptions,
     /// `INSERT … VALUES (?,?,?,?),…` for 1..=ROWS_PER_INSERT rows, built once: sqlx caches a
     /// prepared statement per SQL text, so a fixed set of texts keeps the cache small.
     inserts: Vec<Arc<str>>,
@@ -87,7 +92,7 @@ impl Store {
             .max_connections(4)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         let inserts = (1..=ROWS_PER_INSERT)
@@ -96,73 +101,47 @@ impl Store {
                 Arc::from(format!("INSERT INTO messages (room, seq, created_ms, body) VALUES {values}"))
             })
             .collect();
-        Ok(Store { pool, inserts })
+        Ok(Store { pool, options, inserts })
     }
 
-    /// Every room's last sequence number (see `room_last_seq!`), to continue numbering
-    /// after a restart.
-    pub async fn last_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = sqlx::query(concat!("SELECT name, ", room_last_seq!(), " FROM rooms")).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect())
+    /// Where `room`'s numbering continues (0 for a room with no history).
+    pub async fn room_base(&self, room: &str) -> Result<u64, StoreError> {
+        let base: Option<i64> = sqlx::query_scalar(ROOM_BASE).bind(room).fetch_optional(&self.pool).await?;
+        Ok(base.unwrap_or(0).max(0) as u64)
     }
 
-    /// Starts a run. If the last run ended without [`Store::end_run`] while it could have
-    /// delivered uncommitted messages, every room's numbering moves past their numbers (see
-    /// migration 4). Then records `margin`, what this run can leave uncommitted (0 when
-    /// nothing is delivered before its commit).
-    pub async fn begin_run(&self, margin: u64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let crashed: Option<i64> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'unclean_margin'").fetch_optional(&mut *tx).await?;
-        if let Some(skip) = crashed {
-            let moved = sqlx::query(concat!("UPDATE rooms SET last_seq = ", room_last_seq!(), " + ?"))
-                .bind(skip)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            tracing::warn!(
-                rooms = moved,
-                skip,
-                "the last run did not shut down cleanly: numbering moves past what it may have delivered unstored"
-            );
+    /// A connection for the writer to keep.
+    pub async fn writer(&self) -> Result<SqliteConnection, StoreError> {
+        Ok(self.options.connect().await?)
+    }
+
+    /// Commits a batch atomically, with the rooms' new reservations (`(room, reserved)`,
+    /// only ever raised here); a trigger gives a room its row in `rooms`. A batch that fits
+    /// one statement and reserves nothing is one round trip (SQLite makes the statement its
+    /// own transaction); anything more is wrapped in an explicit transaction.
+    pub async fn commit(
+        &self,
+        conn: &mut SqliteConnection,
+        rows: &[Record],
+        reserve: &[(Arc<str>, u64)],
+    ) -> Result<(), StoreError> {
+        if rows.len() <= ROWS_PER_INSERT && reserve.is_empty() {
+            self.insert_chunk(conn, rows).await?;
+            return Ok(());
         }
-        if margin > 0 {
-            sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES ('unclean_margin', ?)")
-                .bind(margin as i64)
-                .execute(&mut *tx)
-                .await?;
-        } else if crashed.is_some() {
-            // Only then: a `per_message` run writes nothing here, so a read-only database
-            // still opens for reading.
-            sqlx::query(CLEAR_MARGIN).execute(&mut *tx).await?;
+        let mut tx = conn.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            self.insert_chunk(&mut tx, chunk).await?;
         }
+        set_reserved(&mut tx, reserve, "max(reserved, v.column2)").await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Ends a run whose every delivered message is committed (clean shutdown).
-    pub async fn end_run(&self) -> Result<(), StoreError> {
-        sqlx::query(CLEAR_MARGIN).execute(&self.pool).await?;
-        Ok(())
-    }
-
-    /// A connection for the writer to keep.
-    pub async fn writer(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
-        Ok(self.pool.acquire().await?)
-    }
-
-    /// Inserts a batch atomically; a trigger gives a room its row in `rooms`. A batch
-    /// that fits one statement is one round trip (SQLite makes the statement its own
-    /// transaction); a larger one is wrapped in an explicit transaction.
-    pub async fn insert(&self, conn: &mut PoolConnection<Sqlite>, rows: &[Record]) -> Result<(), StoreError> {
-        if rows.len() <= ROWS_PER_INSERT {
-            self.insert_chunk(conn, rows).await?;
-            return Ok(());
-        }
-        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            self.insert_chunk(&mut tx, chunk).await?;
-        }
+    /// Lowers the reservations of quiet rooms to their last number: `(room, last_seq)`.
+    pub async fn release(&self, conn: &mut SqliteConnection, rooms: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
+        let mut tx = conn.begin().await?;
+        set_reserved(&mut tx, rooms, "v.column2").await?;
         tx.commit().await?;
         Ok(())
     }
@@ -192,9 +171,9 @@ impl Store {
         // The latest page is the page before a sequence number no room reaches.
         let (sql, bound) = match page {
             Page::After(after) => {
-                ("SELECT seq, body FROM messages WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?", after as i64)
+                ("SELECT seq, body FROM messages WHERE room = ? AND seq > ? ORDER BY seq ASC LIMIT ?", sql_seq(after))
             }
-            Page::Before(before) => (PAGE_BEFORE, before as i64),
+            Page::Before(before) => (PAGE_BEFORE, sql_seq(before)),
             Page::Latest => (PAGE_BEFORE, i64::MAX),
         };
         let mut rows: Vec<(u64, String)> = sqlx::query(sql)
@@ -216,7 +195,7 @@ impl Store {
             (Page::Before(_), _, Some(&(last, _))) => (self.exists_after(room, last).await?, overflow),
             (Page::Latest, _, _) => (false, overflow),
             // An empty page: nothing beyond it in the direction asked.
-            (Page::After(after), None, _) => (false, self.exists_before(room, after + 1).await?),
+            (Page::After(after), None, _) => (false, self.exists_before(room, after.saturating_add(1)).await?),
             (Page::Before(before), _, None) => (self.exists_after(room, before.saturating_sub(1)).await?, false),
         };
         Ok((rows, newer, older))
@@ -231,7 +210,7 @@ impl Store {
     }
 
     async fn exists(&self, sql: &'static str, room: &str, seq: u64) -> Result<bool, StoreError> {
-        let row = sqlx::query(sql).bind(room).bind(seq as i64).fetch_one(&self.pool).await?;
+        let row = sqlx::query(sql).bind(room).bind(sql_seq(seq)).fetch_one(&self.pool).await?;
         Ok(row.get::<i64, _>(0) != 0)
     }
 
@@ -241,8 +220,8 @@ impl Store {
             "SELECT seq, body FROM messages WHERE room = ? AND seq > ? AND seq <= ? ORDER BY seq DESC LIMIT ?",
         )
         .bind(room)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(sql_seq(after))
+        .bind(sql_seq(upto))
         .bind(i64::from(max))
         .fetch_all(&self.pool)
         .await?
@@ -328,4 +307,33 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// A sequence number as SQLite stores it. Numbers a client sends (cursors, `since`) can
+/// exceed any stored one; clamping keeps their meaning ("beyond everything") instead of
+/// letting them wrap to negative.
+fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// `UPDATE rooms SET reserved = <value> FROM (VALUES (room, n), …) AS v WHERE name = room`,
+/// in chunks of at most [`ROOMS_PER_UPDATE`] pairs, each padded to a power of two.
+async fn set_reserved(
+    conn: &mut sqlx::SqliteConnection,
+    pairs: &[(Arc<str>, u64)],
+    value: &'static str,
+) -> Result<(), StoreError> {
+    for chunk in pairs.chunks(ROOMS_PER_UPDATE) {
+        let n = chunk.len().next_power_of_two();
+        let values = vec!["(?,?)"; n].join(",");
+        let sql =
+            format!("UPDATE rooms SET reserved = {value} FROM (VALUES {values}) AS v WHERE rooms.name = v.column1");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for i in 0..n {
+            let (room, seq) = &chunk[i.min(chunk.len() - 1)];
+            q = q.bind(&**room).bind(*seq as i64);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }

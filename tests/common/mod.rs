@@ -90,13 +90,7 @@ impl Gw {
 
     /// The value of one line of `/metrics`, e.g. `rtgate_events_total{type="chat"}`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let (status, _, body) = http_get(self.addr, "/metrics", &[]).await;
-        assert_eq!(status, 200, "{body}");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        metric(self.addr, name).await
     }
 
     pub fn http(&self, path: &str) -> String {
@@ -250,6 +244,32 @@ pub async fn http_get(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     (status, headers, body.to_string())
+}
+
+/// The value of one line of `/metrics` of the gateway at `addr`.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (status, _, body) = http_get(addr, "/metrics", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Waits until a metric satisfies `want`, for state the gateway reaches in the background
+/// with no event to await (a reservation released, a room unloaded). Polls every 20 ms,
+/// for at most [`TIMEOUT`].
+pub async fn await_metric(addr: SocketAddr, name: &str, want: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let value = metric(addr, name).await;
+        if want(value) {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name} is still {value} after {TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
