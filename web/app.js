@@ -52,6 +52,7 @@
     fileName: $('file-name'),
     fileSize: $('file-size'),
     fileType: $('file-type'),
+    game: $('game'),
     gamePlayers: $('game-players'),
     gameStatus: $('game-status'),
     board: $('board'),
@@ -69,6 +70,9 @@
     rooms: new Map(), // name -> Room (see newRoom)
     active: null,
     typing: { room: null, lastSent: 0, idleTimer: null },
+    // Whether the reader was at the newest message when they last scrolled: then the list
+    // stays at the bottom when it changes size. (New messages check the live position.)
+    pinned: true,
     game: newGame(),
   };
 
@@ -377,7 +381,7 @@
       ui.roomList.appendChild(room.tab);
     }
     var button = room.tab.firstChild;
-    button.textContent = '# ' + room.name;
+    button.textContent = roomLabel(room.name);
     if (room.unread > 0) button.appendChild(make('span', 'badge', String(room.unread)));
     var current = room.name === state.active;
     room.tab.classList.toggle('active', current);
@@ -385,10 +389,15 @@
     else button.removeAttribute('aria-current');
   }
 
+  // A no-break space: a long name wraps within itself, never leaving "#" alone on a line.
+  function roomLabel(name) {
+    return '#\u00a0' + name;
+  }
+
   function renderActiveRoom() {
     var room = activeRoom();
     ui.empty.hidden = !!room;
-    ui.roomTitle.textContent = room ? '# ' + room.name : 'No room';
+    ui.roomTitle.textContent = room ? roomLabel(room.name) : 'No room';
     ui.roomMembers.textContent = room && room.members ? room.members + (room.members === 1 ? ' member' : ' members') : '';
     ui.loadOlder.hidden = !room || !room.hasOlder;
     ui.loadOlder.disabled = !!room && room.loadingOlder;
@@ -553,6 +562,7 @@
 
   function scrollToBottom() {
     ui.timeline.scrollTop = ui.timeline.scrollHeight;
+    state.pinned = true;
   }
 
   function onServerError(msg) {
@@ -839,6 +849,7 @@
       cell.setAttribute('aria-label', 'Row ' + row + ', column ' + col + ': ' + (symbol || 'empty'));
     }
     ui.board.classList.toggle('live', g.phase === 'playing');
+    ui.game.dataset.phase = g.phase;
     ui.gamePlayers.textContent = g.mySymbol && g.phase !== 'idle' ? 'You (' + g.mySymbol + ') vs ' + g.opponent + ' (' + (g.mySymbol === 'X' ? 'O' : 'X') + ')' : '';
     if (statusText === undefined && g.phase === 'playing') {
       statusText = mine ? 'Your turn.' : 'Waiting for ' + g.opponent + '…';
@@ -878,6 +889,13 @@
     ui.composer.addEventListener('submit', sendMessage);
     ui.input.addEventListener('input', onInput);
     ui.loadOlder.addEventListener('click', loadOlder);
+    ui.timeline.addEventListener('scroll', function () {
+      state.pinned = nearBottom();
+    });
+    // A resized window, or a phone's keyboard opening, must not hide the newest message.
+    new ResizeObserver(function () {
+      if (state.pinned) scrollToBottom();
+    }).observe(ui.timeline);
     ui.filePick.addEventListener('change', onFilePicked);
     ui.fileForm.addEventListener('submit', shareFile);
     ui.findGame.addEventListener('click', function () {
