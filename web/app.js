@@ -86,7 +86,8 @@
 
   // A DOMParser document is inert: nothing in it runs or loads. We copy from it into the
   // live page only text nodes and allowed elements, created fresh, without attributes
-  // except a checked href.
+  // except a checked href. An <a> without an allowed href (the gateway removes any other)
+  // is not a link at all: only its text is kept.
   function renderSafeHtml(target, html) {
     var doc = parser.parseFromString(String(html), 'text/html');
     copyAllowed(doc.body, target);
@@ -97,9 +98,14 @@
       if (node.nodeType === Node.TEXT_NODE) {
         to.appendChild(document.createTextNode(node.data));
       } else if (node.nodeType === Node.ELEMENT_NODE && !DROPPED_WITH_CONTENT[node.tagName]) {
-        if (ALLOWED_TAGS[node.tagName]) {
+        var href = node.tagName === 'A' ? safeHref(node.getAttribute('href')) : null;
+        if (ALLOWED_TAGS[node.tagName] && (node.tagName !== 'A' || href)) {
           var copy = document.createElement(node.tagName.toLowerCase());
-          if (node.tagName === 'A') setSafeLink(copy, node.getAttribute('href'));
+          if (href) {
+            copy.href = href;
+            copy.rel = 'noopener noreferrer nofollow';
+            copy.target = '_blank';
+          }
           copyAllowed(node, copy);
           to.appendChild(copy);
         } else {
@@ -109,16 +115,16 @@
     }
   }
 
-  function setSafeLink(a, href) {
+  // The address, when it is an absolute http, https or mailto URL; otherwise null. No base
+  // URL: a relative or missing address must not turn into a link into this page.
+  function safeHref(href) {
+    if (!href) return null;
     try {
-      var url = new URL(href, location.href);
-      if (url.protocol === 'http:' || url.protocol === 'https:' || url.protocol === 'mailto:') {
-        a.href = url.href;
-        a.rel = 'noopener noreferrer nofollow';
-        a.target = '_blank';
-      }
+      var url = new URL(href);
+      var allowed = url.protocol === 'http:' || url.protocol === 'https:' || url.protocol === 'mailto:';
+      return allowed ? url.href : null;
     } catch (e) {
-      // not a URL: the link text stays, as plain text
+      return null; // not an absolute URL
     }
   }
 
