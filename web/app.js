@@ -20,6 +20,9 @@
   // only a last resort should a stop notice be lost.
   var TYPING_STALE_MS = 30000;
   var AVATAR_COLOURS = 8;
+  // After a reconnect, people who were in a room before the outage and rejoin within this
+  // time are not announced as joining (they were there all along).
+  var RETURN_WINDOW_MS = 60000;
 
   var $ = function (id) {
     return document.getElementById(id);
@@ -73,6 +76,8 @@
     // Whether the reader was at the newest message when they last scrolled: then the list
     // stays at the bottom when it changes size. (New messages check the live position.)
     pinned: true,
+    // The connection was lost and has not come back yet: failed attempts say nothing more.
+    outage: false,
     game: newGame(),
   };
 
@@ -186,12 +191,8 @@
       ui.myName.textContent = state.myName;
     });
     on('room_joined', onRoomJoined);
-    on('user_joined', function (msg) {
-      presence(msg, +1, 'joined');
-    });
-    on('user_left', function (msg) {
-      presence(msg, -1, 'left');
-    });
+    on('user_joined', onUserJoined);
+    on('user_left', onUserLeft);
     on('new_message', onChatMessage);
     on('chat_message', onChatMessage); // the raw-WebSocket chat, from other clients
     on('history_gap', onHistoryGap);
@@ -209,6 +210,7 @@
     ui.myName.textContent = state.myName;
     setStatus('online', 'Connected');
     setComposerEnabled(true);
+    state.outage = false;
     noticeEverywhere(info.reconnected ? 'Reconnected.' : 'Connected as ' + state.myName + '.');
   }
 
@@ -217,20 +219,23 @@
     state.rooms.forEach(clearTypers);
     endGameOnDisconnect();
     if (!info.willReconnect) {
+      state.outage = false;
       setStatus('offline', 'Disconnected');
       setComposerEnabled(false);
       noticeEverywhere('Disconnected' + describeClose(info) + '.', 'error');
       return;
     }
     setStatus('pending', 'Reconnecting…');
-    noticeEverywhere('Disconnected' + describeClose(info) + '.');
+    // One notice per outage: each failed attempt closes again, and only the status shows it.
+    if (state.outage) return;
+    state.outage = true;
+    state.rooms.forEach(rememberMembers);
+    noticeEverywhere('Disconnected' + describeClose(info) + '. Reconnecting…');
   }
 
   function onReconnecting(info) {
     var seconds = (info.delay / 1000).toFixed(1);
     setStatus('pending', 'Reconnecting in ' + seconds + ' s…');
-    // One notice per outage; later attempts only update the status.
-    if (info.attempt === 1) noticeEverywhere('Reconnecting…');
   }
 
   function describeClose(info) {
@@ -253,6 +258,7 @@
     state.rooms.clear();
     state.active = null;
     state.myIds.clear();
+    state.outage = false;
     state.game = newGame();
     ui.roomList.textContent = '';
     renderActiveRoom();
@@ -288,7 +294,9 @@
       oldest: null, // smallest seq shown: the `before` of "load older"
       hasOlder: false,
       loadingOlder: false,
-      members: 0,
+      members: new Map(), // clientId -> display name ('' until we learn it)
+      returning: null, // names of the others in the room when the connection was lost
+      returningUntil: 0,
       joinedOnce: false,
       unread: 0,
       typers: new Map(), // clientId -> {name, timer}
@@ -404,7 +412,8 @@
     var room = activeRoom();
     ui.empty.hidden = !!room;
     ui.roomTitle.textContent = room ? roomLabel(room.name) : 'No room';
-    ui.roomMembers.textContent = room && room.members ? room.members + (room.members === 1 ? ' member' : ' members') : '';
+    var count = room ? room.members.size : 0;
+    ui.roomMembers.textContent = count ? count + (count === 1 ? ' member' : ' members') : '';
     ui.loadOlder.hidden = !room || !room.hasOlder;
     ui.loadOlder.disabled = !!room && room.loadingOlder;
     ui.loadOlder.textContent = room && room.loadingOlder ? 'Loading…' : 'Load older messages';
@@ -413,22 +422,68 @@
     renderTyping();
   }
 
+  // `members` lists ids only; names come from user_joined and from what people send.
   function onRoomJoined(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
-    room.members = Array.isArray(msg.members) ? msg.members.length : room.members;
+    var before = room.members;
+    room.members = new Map();
+    (Array.isArray(msg.members) ? msg.members : []).forEach(function (id) {
+      var name = before.get(id) || '';
+      room.members.set(id, name);
+      if (room.returning && !state.myIds.has(id)) cameBack(room, name);
+    });
+    if (room.returning) room.returningUntil = Date.now() + RETURN_WINDOW_MS;
     if (!room.joinedOnce) notice(room, 'You joined #' + room.name + '.');
     room.joinedOnce = true;
     if (room === activeRoom()) renderActiveRoom();
   }
 
-  function presence(msg, delta, verb) {
+  function onUserJoined(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
-    room.members = Math.max(0, room.members + delta);
-    if (delta < 0) dropTyper(room, msg.clientId || msg.userId);
-    notice(room, plainText(msg.username || msg.clientId) + ' ' + verb + '.');
+    var name = plainText(msg.username || msg.clientId);
+    room.members.set(msg.clientId, name);
+    var wasThere = room.returning && Date.now() < room.returningUntil && cameBack(room, name);
+    if (!wasThere) notice(room, name + ' joined.');
     if (room === activeRoom()) renderActiveRoom();
+  }
+
+  function onUserLeft(msg) {
+    var room = state.rooms.get(msg.room);
+    if (!room) return;
+    room.members.delete(msg.clientId);
+    dropTyper(room, msg.clientId || msg.userId);
+    notice(room, plainText(msg.username || msg.clientId) + ' left.');
+    if (room === activeRoom()) renderActiveRoom();
+  }
+
+  // At the start of an outage: who else is here. After a restart everyone comes back with
+  // a new id, so they are recognised by name; members whose name we never learned (they
+  // were here before us and have said nothing) count as "someone we know".
+  function rememberMembers(room) {
+    room.returning = [];
+    room.returningUntil = 0;
+    room.members.forEach(function (name, id) {
+      if (!state.myIds.has(id)) room.returning.push(name);
+    });
+  }
+
+  // Ticks off one member from before the outage: the one with this name, else one whose
+  // name we do not know. False when nobody is left to match.
+  function cameBack(room, name) {
+    var i = room.returning.indexOf(name);
+    if (i === -1) i = room.returning.indexOf('');
+    if (i === -1) return false;
+    room.returning.splice(i, 1);
+    return true;
+  }
+
+  // Messages, typing and file notices carry the sender's name: learn it for presence.
+  function learnName(room, msg) {
+    if (msg.clientId && room.members.has(msg.clientId) && msg.username) {
+      room.members.set(msg.clientId, plainText(msg.username));
+    }
   }
 
   function onHistoryGap(msg) {
@@ -445,6 +500,7 @@
   function onChatMessage(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return; // a room-less broadcast, or one we just left
+    learnName(room, msg);
     dropTyper(room, msg.clientId || msg.userId);
     var stick = nearBottom();
     var added = addMessages(room, [msg], 'end');
@@ -616,6 +672,7 @@
   function onUserTyping(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
+    learnName(room, msg);
     var key = msg.clientId || msg.userId;
     var entry = room.typers.get(key);
     if (entry) clearTimeout(entry.timer);
@@ -695,6 +752,7 @@
   function onFileReceived(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
+    learnName(room, msg);
     var text =
       plainText(msg.username) +
       ' shared ' +
