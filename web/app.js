@@ -325,7 +325,7 @@
       .then(function (page) {
         // Above any notice already shown ("Connected as …"): it is older than them.
         addMessages(room, page.messages, 'start');
-        scrollToBottom();
+        if (room === activeRoom()) scrollToBottom(); // the newest message, not the oldest
         room.hasOlder = page.prev !== null && page.prev !== undefined;
         var last = page.messages.length ? page.messages[page.messages.length - 1].seq : 0;
         return { since: typeof last === 'number' ? last : 0 };
