@@ -324,6 +324,13 @@ async fn two_people_play_tic_tac_toe_to_a_win() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_room_scrolls_inside_a_page_that_fits_the_window() {
+    let mut gateway = TestGateway::start(|_| {}).await;
+    run_script(&gateway, "layout.mjs", &[]).await;
+    gateway.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_injection_runs_nothing_in_other_pages() {
     let mut gateway = TestGateway::start(|_| {}).await;
     run_script(&gateway, "xss.mjs", &[]).await;

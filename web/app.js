@@ -20,6 +20,9 @@
   // only a last resort should a stop notice be lost.
   var TYPING_STALE_MS = 30000;
   var AVATAR_COLOURS = 8;
+  // After a reconnect, people who were in a room before the outage and rejoin within this
+  // time are not announced as joining (they were there all along).
+  var RETURN_WINDOW_MS = 60000;
 
   var $ = function (id) {
     return document.getElementById(id);
@@ -52,6 +55,7 @@
     fileName: $('file-name'),
     fileSize: $('file-size'),
     fileType: $('file-type'),
+    game: $('game'),
     gamePlayers: $('game-players'),
     gameStatus: $('game-status'),
     board: $('board'),
@@ -69,6 +73,11 @@
     rooms: new Map(), // name -> Room (see newRoom)
     active: null,
     typing: { room: null, lastSent: 0, idleTimer: null },
+    // Whether the reader was at the newest message when they last scrolled: then the list
+    // stays at the bottom when it changes size. (New messages check the live position.)
+    pinned: true,
+    // The connection was lost and has not come back yet: failed attempts say nothing more.
+    outage: false,
     game: newGame(),
   };
 
@@ -82,7 +91,8 @@
 
   // A DOMParser document is inert: nothing in it runs or loads. We copy from it into the
   // live page only text nodes and allowed elements, created fresh, without attributes
-  // except a checked href.
+  // except a checked href. An <a> without an allowed href (the gateway removes any other)
+  // is not a link at all: only its text is kept.
   function renderSafeHtml(target, html) {
     var doc = parser.parseFromString(String(html), 'text/html');
     copyAllowed(doc.body, target);
@@ -93,9 +103,14 @@
       if (node.nodeType === Node.TEXT_NODE) {
         to.appendChild(document.createTextNode(node.data));
       } else if (node.nodeType === Node.ELEMENT_NODE && !DROPPED_WITH_CONTENT[node.tagName]) {
-        if (ALLOWED_TAGS[node.tagName]) {
+        var href = node.tagName === 'A' ? safeHref(node.getAttribute('href')) : null;
+        if (ALLOWED_TAGS[node.tagName] && (node.tagName !== 'A' || href)) {
           var copy = document.createElement(node.tagName.toLowerCase());
-          if (node.tagName === 'A') setSafeLink(copy, node.getAttribute('href'));
+          if (href) {
+            copy.href = href;
+            copy.rel = 'noopener noreferrer nofollow';
+            copy.target = '_blank';
+          }
           copyAllowed(node, copy);
           to.appendChild(copy);
         } else {
@@ -105,16 +120,16 @@
     }
   }
 
-  function setSafeLink(a, href) {
+  // The address, when it is an absolute http, https or mailto URL; otherwise null. No base
+  // URL: a relative or missing address must not turn into a link into this page.
+  function safeHref(href) {
+    if (!href) return null;
     try {
-      var url = new URL(href, location.href);
-      if (url.protocol === 'http:' || url.protocol === 'https:' || url.protocol === 'mailto:') {
-        a.href = url.href;
-        a.rel = 'noopener noreferrer nofollow';
-        a.target = '_blank';
-      }
+      var url = new URL(href);
+      var allowed = url.protocol === 'http:' || url.protocol === 'https:' || url.protocol === 'mailto:';
+      return allowed ? url.href : null;
     } catch (e) {
-      // not a URL: the link text stays, as plain text
+      return null; // not an absolute URL
     }
   }
 
@@ -176,12 +191,8 @@
       ui.myName.textContent = state.myName;
     });
     on('room_joined', onRoomJoined);
-    on('user_joined', function (msg) {
-      presence(msg, +1, 'joined');
-    });
-    on('user_left', function (msg) {
-      presence(msg, -1, 'left');
-    });
+    on('user_joined', onUserJoined);
+    on('user_left', onUserLeft);
     on('new_message', onChatMessage);
     on('chat_message', onChatMessage); // the raw-WebSocket chat, from other clients
     on('history_gap', onHistoryGap);
@@ -199,6 +210,7 @@
     ui.myName.textContent = state.myName;
     setStatus('online', 'Connected');
     setComposerEnabled(true);
+    state.outage = false;
     noticeEverywhere(info.reconnected ? 'Reconnected.' : 'Connected as ' + state.myName + '.');
   }
 
@@ -207,20 +219,23 @@
     state.rooms.forEach(clearTypers);
     endGameOnDisconnect();
     if (!info.willReconnect) {
+      state.outage = false;
       setStatus('offline', 'Disconnected');
       setComposerEnabled(false);
       noticeEverywhere('Disconnected' + describeClose(info) + '.', 'error');
       return;
     }
     setStatus('pending', 'Reconnecting…');
-    noticeEverywhere('Disconnected' + describeClose(info) + '.');
+    // One notice per outage: each failed attempt closes again, and only the status shows it.
+    if (state.outage) return;
+    state.outage = true;
+    state.rooms.forEach(rememberMembers);
+    noticeEverywhere('Disconnected' + describeClose(info) + '. Reconnecting…');
   }
 
   function onReconnecting(info) {
     var seconds = (info.delay / 1000).toFixed(1);
     setStatus('pending', 'Reconnecting in ' + seconds + ' s…');
-    // One notice per outage; later attempts only update the status.
-    if (info.attempt === 1) noticeEverywhere('Reconnecting…');
   }
 
   function describeClose(info) {
@@ -243,6 +258,7 @@
     state.rooms.clear();
     state.active = null;
     state.myIds.clear();
+    state.outage = false;
     state.game = newGame();
     ui.roomList.textContent = '';
     renderActiveRoom();
@@ -278,7 +294,9 @@
       oldest: null, // smallest seq shown: the `before` of "load older"
       hasOlder: false,
       loadingOlder: false,
-      members: 0,
+      members: new Map(), // clientId -> display name ('' until we learn it)
+      returning: null, // names of the others in the room when the connection was lost
+      returningUntil: 0,
       joinedOnce: false,
       unread: 0,
       typers: new Map(), // clientId -> {name, timer}
@@ -307,7 +325,7 @@
       .then(function (page) {
         // Above any notice already shown ("Connected as …"): it is older than them.
         addMessages(room, page.messages, 'start');
-        scrollToBottom();
+        if (room === activeRoom()) scrollToBottom(); // the newest message, not the oldest
         room.hasOlder = page.prev !== null && page.prev !== undefined;
         var last = page.messages.length ? page.messages[page.messages.length - 1].seq : 0;
         return { since: typeof last === 'number' ? last : 0 };
@@ -377,7 +395,7 @@
       ui.roomList.appendChild(room.tab);
     }
     var button = room.tab.firstChild;
-    button.textContent = '# ' + room.name;
+    button.textContent = roomLabel(room.name);
     if (room.unread > 0) button.appendChild(make('span', 'badge', String(room.unread)));
     var current = room.name === state.active;
     room.tab.classList.toggle('active', current);
@@ -385,11 +403,17 @@
     else button.removeAttribute('aria-current');
   }
 
+  // A no-break space: a long name wraps within itself, never leaving "#" alone on a line.
+  function roomLabel(name) {
+    return '#\u00a0' + name;
+  }
+
   function renderActiveRoom() {
     var room = activeRoom();
     ui.empty.hidden = !!room;
-    ui.roomTitle.textContent = room ? '# ' + room.name : 'No room';
-    ui.roomMembers.textContent = room && room.members ? room.members + (room.members === 1 ? ' member' : ' members') : '';
+    ui.roomTitle.textContent = room ? roomLabel(room.name) : 'No room';
+    var count = room ? room.members.size : 0;
+    ui.roomMembers.textContent = count ? count + (count === 1 ? ' member' : ' members') : '';
     ui.loadOlder.hidden = !room || !room.hasOlder;
     ui.loadOlder.disabled = !!room && room.loadingOlder;
     ui.loadOlder.textContent = room && room.loadingOlder ? 'Loading…' : 'Load older messages';
@@ -398,22 +422,68 @@
     renderTyping();
   }
 
+  // `members` lists ids only; names come from user_joined and from what people send.
   function onRoomJoined(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
-    room.members = Array.isArray(msg.members) ? msg.members.length : room.members;
+    var before = room.members;
+    room.members = new Map();
+    (Array.isArray(msg.members) ? msg.members : []).forEach(function (id) {
+      var name = before.get(id) || '';
+      room.members.set(id, name);
+      if (room.returning && !state.myIds.has(id)) cameBack(room, name);
+    });
+    if (room.returning) room.returningUntil = Date.now() + RETURN_WINDOW_MS;
     if (!room.joinedOnce) notice(room, 'You joined #' + room.name + '.');
     room.joinedOnce = true;
     if (room === activeRoom()) renderActiveRoom();
   }
 
-  function presence(msg, delta, verb) {
+  function onUserJoined(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
-    room.members = Math.max(0, room.members + delta);
-    if (delta < 0) dropTyper(room, msg.clientId || msg.userId);
-    notice(room, plainText(msg.username || msg.clientId) + ' ' + verb + '.');
+    var name = plainText(msg.username || msg.clientId);
+    room.members.set(msg.clientId, name);
+    var wasThere = room.returning && Date.now() < room.returningUntil && cameBack(room, name);
+    if (!wasThere) notice(room, name + ' joined.');
     if (room === activeRoom()) renderActiveRoom();
+  }
+
+  function onUserLeft(msg) {
+    var room = state.rooms.get(msg.room);
+    if (!room) return;
+    room.members.delete(msg.clientId);
+    dropTyper(room, msg.clientId || msg.userId);
+    notice(room, plainText(msg.username || msg.clientId) + ' left.');
+    if (room === activeRoom()) renderActiveRoom();
+  }
+
+  // At the start of an outage: who else is here. After a restart everyone comes back with
+  // a new id, so they are recognised by name; members whose name we never learned (they
+  // were here before us and have said nothing) count as "someone we know".
+  function rememberMembers(room) {
+    room.returning = [];
+    room.returningUntil = 0;
+    room.members.forEach(function (name, id) {
+      if (!state.myIds.has(id)) room.returning.push(name);
+    });
+  }
+
+  // Ticks off one member from before the outage: the one with this name, else one whose
+  // name we do not know. False when nobody is left to match.
+  function cameBack(room, name) {
+    var i = room.returning.indexOf(name);
+    if (i === -1) i = room.returning.indexOf('');
+    if (i === -1) return false;
+    room.returning.splice(i, 1);
+    return true;
+  }
+
+  // Messages, typing and file notices carry the sender's name: learn it for presence.
+  function learnName(room, msg) {
+    if (msg.clientId && room.members.has(msg.clientId) && msg.username) {
+      room.members.set(msg.clientId, plainText(msg.username));
+    }
   }
 
   function onHistoryGap(msg) {
@@ -430,6 +500,7 @@
   function onChatMessage(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return; // a room-less broadcast, or one we just left
+    learnName(room, msg);
     dropTyper(room, msg.clientId || msg.userId);
     var stick = nearBottom();
     var added = addMessages(room, [msg], 'end');
@@ -553,6 +624,7 @@
 
   function scrollToBottom() {
     ui.timeline.scrollTop = ui.timeline.scrollHeight;
+    state.pinned = true;
   }
 
   function onServerError(msg) {
@@ -600,6 +672,7 @@
   function onUserTyping(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
+    learnName(room, msg);
     var key = msg.clientId || msg.userId;
     var entry = room.typers.get(key);
     if (entry) clearTimeout(entry.timer);
@@ -679,6 +752,7 @@
   function onFileReceived(msg) {
     var room = state.rooms.get(msg.room);
     if (!room) return;
+    learnName(room, msg);
     var text =
       plainText(msg.username) +
       ' shared ' +
@@ -839,6 +913,7 @@
       cell.setAttribute('aria-label', 'Row ' + row + ', column ' + col + ': ' + (symbol || 'empty'));
     }
     ui.board.classList.toggle('live', g.phase === 'playing');
+    ui.game.dataset.phase = g.phase;
     ui.gamePlayers.textContent = g.mySymbol && g.phase !== 'idle' ? 'You (' + g.mySymbol + ') vs ' + g.opponent + ' (' + (g.mySymbol === 'X' ? 'O' : 'X') + ')' : '';
     if (statusText === undefined && g.phase === 'playing') {
       statusText = mine ? 'Your turn.' : 'Waiting for ' + g.opponent + '…';
@@ -878,6 +953,13 @@
     ui.composer.addEventListener('submit', sendMessage);
     ui.input.addEventListener('input', onInput);
     ui.loadOlder.addEventListener('click', loadOlder);
+    ui.timeline.addEventListener('scroll', function () {
+      state.pinned = nearBottom();
+    });
+    // A resized window, or a phone's keyboard opening, must not hide the newest message.
+    new ResizeObserver(function () {
+      if (state.pinned) scrollToBottom();
+    }).observe(ui.timeline);
     ui.filePick.addEventListener('change', onFilePicked);
     ui.fileForm.addEventListener('submit', shareFile);
     ui.findGame.addEventListener('click', function () {

@@ -39,6 +39,13 @@
    */
   var STOP_CODES = Object.freeze([1002, 1003, 1007, 1008]);
 
+  /**
+   * Message types the bundled plugins persist (chat.lua, chat_message.lua): only their
+   * `seq` is a position in the room's history. Other types may carry a `seq` too (a relay
+   * can pass on whatever a member sent); it is not taken as the room's position.
+   */
+  var PERSISTED_TYPES = Object.freeze(['chat_message', 'new_message']);
+
   /** Event names the client emits itself; every other name is a server message `type`. */
   var LOCAL_EVENTS = Object.freeze(['open', 'close', 'reconnecting', 'message', 'socket_error']);
 
@@ -49,6 +56,7 @@
     queueLimit: 100,
     tokenTransport: 'query',
     stopCodes: STOP_CODES,
+    persistedTypes: PERSISTED_TYPES,
   });
 
   var OPEN = 1; // WebSocket.OPEN, the same in every implementation
@@ -69,6 +77,8 @@
    * @property {number} [maxAttempts=Infinity] Reconnect attempts in a row before giving up.
    * @property {number} [queueLimit=100] Messages `send()` holds while disconnected.
    * @property {number[]} [stopCodes] Close codes that end reconnecting (default STOP_CODES).
+   * @property {string[]} [persistedTypes] Message types whose `seq` is the room's position
+   *   (default PERSISTED_TYPES); list every type your gateway's plugins persist.
    */
 
   /**
@@ -103,6 +113,7 @@
     /** @type {string|null} */
     this.username = null;
     this._handlers = Object.create(null);
+    this._persisted = new Set(this.options.persistedTypes);
     this._rooms = new Map(); // room -> last seq seen there (null: none yet)
     this._queue = [];
     this._attempt = 0;
@@ -354,7 +365,7 @@
       // from there (0 when the room has no history yet), so a later rejoin replays exactly
       // what came after this join.
       if (this._rooms.get(room) === null) this._rooms.set(room, typeof msg.seq === 'number' ? msg.seq : 0);
-    } else if (typeof msg.seq === 'number' && this._rooms.has(room)) {
+    } else if (typeof msg.seq === 'number' && this._persisted.has(msg.type) && this._rooms.has(room)) {
       var last = this._rooms.get(room);
       if (last !== null && msg.seq <= last) return; // seen already: a replay overlap
       this._rooms.set(room, msg.seq);
@@ -434,6 +445,7 @@
     connect: connect,
     Client: Client,
     STOP_CODES: STOP_CODES,
+    PERSISTED_TYPES: PERSISTED_TYPES,
     LOCAL_EVENTS: LOCAL_EVENTS,
     version: '1.0.0',
   };

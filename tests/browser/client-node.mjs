@@ -1,7 +1,8 @@
 // rtgate.js outside the browser: the Node example of docs/client.md runs as written, and
 // the library's promises hold against the real gateway (send queue, catch-up after a
-// reconnect with nothing missed or repeated, duplicate dropping, history paging) and
-// against a scripted server (which close codes stop reconnecting, the queue bound).
+// reconnect with nothing missed or repeated, duplicate dropping, history paging, a seq
+// forged by another member ignored) and against a scripted server (which close codes
+// stop reconnecting, the queue bound, a forged seq again).
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -140,6 +141,58 @@ async function catchUpAfterReconnect() {
   assert.equal(lib.send({ type: 'chat_message', room, message: 'after close' }), 'dropped');
 }
 
+// A raw WebSocket that records what it receives.
+async function rawClient(url) {
+  const socket = new WebSocket(url);
+  const received = [];
+  socket.on('message', (data) => received.push(JSON.parse(String(data))));
+  await until('the raw client\'s welcome', () => received.some((m) => m.type === 'welcome'));
+  return { socket, received, send: (msg) => socket.send(JSON.stringify(msg)) };
+}
+
+const FORGED_SEQ = Number.MAX_SAFE_INTEGER;
+
+// Another member sends a game_move, outside any game, carrying a seq of its own: the
+// tic-tac-toe plugin relays it as opponent_move. The client must not take that seq as
+// the room's position, or it would drop every later message as already seen. Only the
+// types in `persistedTypes` (chat_message and new_message by default) move it.
+async function forgedSeqThroughTheRelay() {
+  const room = 'forge-lab';
+  const lib = RtGate.connect(WS_URL, { name: 'lib', WebSocket });
+  const narrow = RtGate.connect(WS_URL, { name: 'narrow', WebSocket, persistedTypes: ['new_message'] });
+  const seen = new Map();
+  for (const client of [lib, narrow]) {
+    const events = [];
+    for (const type of ['opponent_move', 'chat_message', 'new_message']) {
+      client.on(type, (msg) => events.push([type, msg.seq, client.lastSeq(room)]));
+    }
+    seen.set(client, events);
+    client.join(room);
+    await until('the join', () => client.lastSeq(room) === 0);
+  }
+  const mallory = await rawClient(`${WS_URL}?name=Mallory`);
+  mallory.send({ type: 'join_room', room });
+  await until('Mallory\'s join', () => mallory.received.some((m) => m.type === 'room_joined'));
+  mallory.send({ type: 'game_move', room, seq: FORGED_SEQ, username: 'Bob' });
+  mallory.send({ type: 'chat', room, message: 'one' });
+  mallory.send({ type: 'chat_message', room, message: 'two' });
+  await until('Mallory\'s own new_message', () => mallory.received.some((m) => m.type === 'new_message'));
+  for (const client of [lib, narrow]) {
+    await until('the relayed move and both chat messages', () => seen.get(client).length === 3);
+  }
+  // [type, seq as received, lastSeq after it]. The relay passes the forged seq through
+  // unless the gateway strips it; either way it does not move the client.
+  const relayed = seen.get(lib)[0][1];
+  assert.ok(relayed === FORGED_SEQ || relayed === undefined, `relayed seq: ${relayed}`);
+  assert.deepEqual(seen.get(lib), [['opponent_move', relayed, 0], ['chat_message', 1, 1], ['new_message', 2, 2]]);
+  // persistedTypes: ['new_message'] leaves chat_message's seq alone too.
+  assert.deepEqual(seen.get(narrow), [['opponent_move', relayed, 0], ['chat_message', 1, 0], ['new_message', 2, 2]]);
+  log(`a forged seq (${relayed === undefined ? 'stripped by the gateway' : 'relayed as sent'}) does not move the client`);
+  lib.close();
+  narrow.close();
+  mallory.socket.close();
+}
+
 // A scripted server: each connection gets a welcome, then is closed with the next code.
 async function closeCodes() {
   const codes = [];
@@ -192,6 +245,23 @@ async function closeCodes() {
     );
     bounded.close();
     log('close codes: 1001 and 1013 reconnect, 1008 and close() stop; the queue is bounded');
+
+    // Whatever a server sends, a seq on a type that is not persisted is not a position.
+    const forger = RtGate.connect(url, { WebSocket });
+    const chats = record(forger, ['chat_message']);
+    forger.join('r');
+    await until('the scripted welcome', () => forger.state === 'open');
+    const serverSide = [...server.clients].at(-1);
+    const frames = [
+      { type: 'room_joined', room: 'r', members: [], seq: 4 },
+      { type: 'opponent_move', room: 'r', seq: FORGED_SEQ },
+      { type: 'user_typing', room: 'r', seq: FORGED_SEQ },
+      { type: 'chat_message', room: 'r', seq: 5, message: 'still delivered' },
+    ];
+    for (const frame of frames) serverSide.send(JSON.stringify(frame));
+    await until('the chat message after the forged seqs', () => chats.length === 1);
+    assert.equal(forger.lastSeq('r'), 5);
+    forger.close();
   } finally {
     server.close();
   }
@@ -201,6 +271,7 @@ try {
   assert.ok(BASE.startsWith('http://127.0.0.1:'), 'usage: node client-node.mjs http://127.0.0.1:PORT');
   await docsExample();
   await catchUpAfterReconnect();
+  await forgedSeqThroughTheRelay();
   await closeCodes();
   log(`client-node: passed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   process.exit(0);
