@@ -248,3 +248,58 @@ async fn a_failing_plugin_costs_only_its_own_event() {
         assert_eq!(m["message"], "fine");
     }
 }
+
+/// CPU time of the calling thread. A single-threaded test runtime runs the gateway's
+/// sessions on the test's own thread, so this measures what the gateway spent on a
+/// client's frames (and the client's own, equal, share), unaffected by other tests or by
+/// how often the machine preempted the thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid, writable timespec and a clock Linux supports.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Sends `frames` copies of an event carrying `payload` (cleaned like any client text,
+/// then refused as an unknown type) and returns the CPU time until every refusal is back.
+async fn cleaning_cost(c: &mut Client, payload: &str, frames: usize) -> Duration {
+    let text = json!({"type": "no_such_event", "x": payload}).to_string();
+    assert!(text.len() < 65_536, "within the frame limit");
+    let started = thread_cpu();
+    for _ in 0..frames {
+        c.send_text(&text).await;
+    }
+    for _ in 0..frames {
+        assert_eq!(c.expect("error").await["code"], "unknown_type");
+    }
+    thread_cpu() - started
+}
+
+/// Sanitizing is linear in its input, whatever the input: a hostile string costs about
+/// what ordinary markup of the same size does. (Cutting "<b<b<b…" once took 100 ms a frame,
+/// and ten clients inside their rate limits stalled everyone's chat for seconds.)
+#[tokio::test]
+async fn hostile_markup_costs_what_ordinary_markup_of_its_size_does() {
+    let gw = Gw::default().await;
+    let mut c = gw.client().await;
+    const SIZE: usize = 60_000;
+    let fill = |unit: &str| unit.repeat(SIZE / unit.len());
+    let ordinary = fill("<b>ok</b> a < b ");
+    // Warm up (allocator, first-use costs), then the baseline: the cheaper of two runs.
+    cleaning_cost(&mut c, &ordinary, 3).await;
+    let baseline = cleaning_cost(&mut c, &ordinary, 10).await.min(cleaning_cost(&mut c, &ordinary, 10).await);
+    for (name, hostile) in [
+        ("<b<b<b…", fill("<b")),
+        ("&&&…", fill("&")),
+        ("<b>&&&…", format!("<b>{}", "&".repeat(SIZE - 3))),
+        ("<b><b><b>…", fill("<b>")),
+        ("<b x=1><b x=2>…", (0..SIZE / 12).map(|i| format!("<b x={i}>")).collect()),
+        ("<b><i></b></i>…", fill("<b><i></b></i>")),
+        ("<a href=<a href=…", fill("<a href=")),
+    ] {
+        let cost = cleaning_cost(&mut c, &hostile, 10).await.min(cleaning_cost(&mut c, &hostile, 10).await);
+        eprintln!("{name}: {cost:?} for 10 frames, ordinary markup {baseline:?}");
+        assert!(cost < baseline * 3, "{name}: {cost:?} for 10 frames, ordinary markup of the same size {baseline:?}");
+    }
+    still_chats(&gw).await;
+}
