@@ -132,6 +132,7 @@ pub enum Synchronous {
 pub struct LimitSettings {
     pub max_frame_bytes: usize,
     pub outbox_messages: usize,
+    pub outbox_bytes: usize,
     pub max_json_depth: usize,
     pub max_message_chars: usize,
     pub max_name_chars: usize,
@@ -235,6 +236,11 @@ impl Settings {
             "must be between 128 and 16777216",
         )?;
         check(self.limits.outbox_messages >= 16, "limits.outbox_messages", "must be at least 16")?;
+        check(
+            self.limits.outbox_bytes >= self.limits.max_frame_bytes,
+            "limits.outbox_bytes",
+            "must be at least limits.max_frame_bytes",
+        )?;
         check(self.plugins.queue >= 1, "plugins.queue", "must be at least 1")?;
         let h = &self.history;
         check(!h.path.as_os_str().is_empty(), "history.path", "must not be empty")?;

@@ -1,11 +1,13 @@
 //! A connected client as the rest of the gateway sees it: who it is, which rooms it is in,
 //! and its outbox.
 //!
-//! The outbox is the only way anything reaches a client. It is a bounded queue of shared
-//! frames drained by the client's own session task, so producers (the hub's fan-out, the
-//! plugin threads) never wait on a socket and never hold a lock across an await. When a
-//! client stops reading and its queue fills, the outbox closes itself with "slow consumer":
-//! that client is disconnected instead of pinning memory or slowing anyone else.
+//! The outbox is the only way anything reaches a client. It is a queue of shared frames,
+//! bounded in frames and in bytes, drained by the client's own session task, so producers
+//! (the hub's fan-out, the plugin threads) never wait on a socket and never hold a lock
+//! across an await. When a client stops reading and either bound is reached, the outbox
+//! closes itself with "slow consumer": that client is disconnected instead of pinning
+//! memory or slowing anyone else. The bytes the session has taken but not yet handed to
+//! the socket count too, so a client that does not read pins at most the byte bound.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,7 +69,18 @@ struct Queue {
     frames: VecDeque<Frame>,
     /// While a catch-up is read from the database, live frames wait here, to follow it.
     held: Option<VecDeque<Frame>>,
+    /// Payload bytes of `frames` and `held`, plus those the session has taken and not yet
+    /// written (`Outbox::written` takes them off).
+    bytes: usize,
     closed: Option<CloseReason>,
+}
+
+/// An outbox's bounds: frames queued, and their bytes (`limits.outbox_messages`,
+/// `limits.outbox_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub frames: usize,
+    pub bytes: usize,
 }
 
 pub struct Outbox {
@@ -76,39 +89,32 @@ pub struct Outbox {
     ready: Notify,
     /// Wakes a session blocked writing to a socket, when the outbox closes.
     closing: Notify,
-    capacity: usize,
+    bounds: Bounds,
 }
 
 impl Outbox {
-    fn new(capacity: usize) -> Outbox {
-        Outbox { queue: Mutex::new(Queue::default()), ready: Notify::new(), closing: Notify::new(), capacity }
+    fn new(bounds: Bounds) -> Outbox {
+        Outbox { queue: Mutex::new(Queue::default()), ready: Notify::new(), closing: Notify::new(), bounds }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Queues a frame unless the queue holds `capacity` already.
+    /// Queues a frame unless that would exceed either bound; then the outbox closes as a
+    /// slow consumer.
     pub fn push(&self, frame: Frame) -> Push {
-        self.push_within(frame, self.capacity)
-    }
-
-    /// Like `push` with a larger bound, for a burst the gateway itself decided to send
-    /// (history catch-up) that must not count as the client being slow.
-    pub fn push_within(&self, frame: Frame, limit: usize) -> Push {
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             return Push::Closed;
         }
         let held = q.held.as_ref().map_or(0, VecDeque::len);
-        if q.frames.len() + held >= limit {
+        if q.frames.len() + held >= self.bounds.frames || q.bytes + frame.len() > self.bounds.bytes {
             q.closed = Some(CloseReason::SlowConsumer);
             q.frames.clear();
             q.held = None;
+            q.bytes = 0;
             drop(q);
             self.wake_closed();
             return Push::Overflowed;
         }
+        q.bytes += frame.len();
         if let Some(held) = &mut q.held {
             held.push_back(frame);
             return Push::Queued;
@@ -132,14 +138,19 @@ impl Outbox {
         }
     }
 
-    /// Queues `first`, then everything held back since `hold`, and stops holding.
+    /// Queues `first`, then everything held back since `hold`, and stops holding. `first`
+    /// (a catch-up the gateway decided to send, bounded by `history.max_catchup`) is not
+    /// refused, but its bytes count against what may follow it.
     pub fn release(&self, first: impl IntoIterator<Item = Frame>) {
         let mut q = self.queue.lock();
         let held = q.held.take().unwrap_or_default();
         if q.closed.is_some() {
             return;
         }
-        q.frames.extend(first);
+        for frame in first {
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
         q.frames.extend(held);
         let any = !q.frames.is_empty();
         drop(q);
@@ -156,6 +167,7 @@ impl Outbox {
             q.closed = Some(reason);
             q.frames.clear();
             q.held = None;
+            q.bytes = 0;
         }
         drop(q);
         self.wake_closed();
@@ -177,17 +189,14 @@ impl Outbox {
         }
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.queue.lock().closed.is_some()
-    }
-
     /// Waits until there is something to send or the outbox was closed.
     pub async fn ready(&self) {
         self.ready.notified().await
     }
 
     /// Moves every queued frame into `into` (which must be empty). Swapping buffers keeps
-    /// the allocation with whichever side is busy and costs one lock per batch.
+    /// the allocation with whichever side is busy and costs one lock per batch. Their bytes
+    /// still count until [`Outbox::written`].
     pub fn drain(&self, into: &mut VecDeque<Frame>) -> Option<CloseReason> {
         let mut q = self.queue.lock();
         if let Some(reason) = q.closed {
@@ -195,6 +204,12 @@ impl Outbox {
         }
         std::mem::swap(&mut q.frames, into);
         None
+    }
+
+    /// The session handed `bytes` of drained frames to the socket.
+    pub fn written(&self, bytes: usize) {
+        let mut q = self.queue.lock();
+        q.bytes = q.bytes.saturating_sub(bytes);
     }
 }
 
@@ -280,14 +295,14 @@ impl Conn {
         identity: Identity,
         id: Arc<str>,
         budget: crate::ratelimit::Budget,
-        outbox_capacity: usize,
+        outbox: Bounds,
         epoch: Instant,
     ) -> Conn {
         let conn = Conn {
             id,
             identity,
             budget,
-            outbox: Outbox::new(outbox_capacity),
+            outbox: Outbox::new(outbox),
             rooms: Mutex::new(Vec::new()),
             last_seen: AtomicU64::new(0),
             epoch,
@@ -349,7 +364,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_as_slow_consumer() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(Bounds { frames: 2, bytes: 100 });
         assert_eq!(outbox.push(Frame::text("a")), Push::Queued);
         assert_eq!(outbox.push(Frame::text("b")), Push::Queued);
         assert_eq!(outbox.push(Frame::text("c")), Push::Overflowed);
@@ -359,8 +374,20 @@ mod tests {
     }
 
     #[test]
+    fn bytes_taken_but_not_written_still_count() {
+        let outbox = Outbox::new(Bounds { frames: 100, bytes: 10 });
+        assert_eq!(outbox.push(Frame::text("12345")), Push::Queued);
+        let mut batch = VecDeque::new();
+        assert_eq!(outbox.drain(&mut batch), None);
+        assert_eq!(outbox.push(Frame::text("12345")), Push::Queued);
+        outbox.written(5);
+        assert_eq!(outbox.push(Frame::text("12345")), Push::Queued);
+        assert_eq!(outbox.push(Frame::text("1")), Push::Overflowed);
+    }
+
+    #[test]
     fn held_frames_follow_the_released_ones() {
-        let outbox = Outbox::new(16);
+        let outbox = Outbox::new(Bounds { frames: 16, bytes: 1 << 20 });
         outbox.push(Frame::text("joined"));
         outbox.hold();
         outbox.push(Frame::text("live"));

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use crate::auth::{self, Auth, AuthError, TokenSource};
 use crate::config::AuthMode;
-use crate::conn::{Conn, Identity, Profile, new_client_id};
+use crate::conn::{Bounds, Conn, Identity, Profile, new_client_id};
 use crate::gateway::Gateway;
 use crate::history::{HistoryError, Page};
 use crate::protocol::RoomName;
@@ -297,7 +297,8 @@ async fn upgrade(
         AuthMode::Jwt => Budget::User(user_id.clone()),
     };
     let identity = Identity::new(user_id, profile);
-    let conn = Arc::new(Conn::new(identity, id, budget, limits.outbox_messages, gw.epoch));
+    let bounds = Bounds { frames: limits.outbox_messages, bytes: limits.outbox_bytes };
+    let conn = Arc::new(Conn::new(identity, id, budget, bounds, gw.epoch));
     let accept = derive_accept_key(key.as_bytes());
     let guard = gw.session_guard();
     let max = limits.max_frame_bytes;

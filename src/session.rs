@@ -144,6 +144,7 @@ where
                         if written.is_err() {
                             return End::Broken;
                         }
+                        conn.outbox.written(bytes);
                         // A connection that only ever gets a message now and then should not
                         // keep two queue buffers for life; a busy one keeps its larger one.
                         if batch.capacity() <= SMALL_BATCH {

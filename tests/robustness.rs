@@ -23,6 +23,22 @@ async fn still_chats(gw: &Gw) {
     assert_eq!(b.expect("chat_message").await["message"], "still here");
 }
 
+/// The most messages of `size` bytes a client that reads nothing can have been sent before
+/// the gateway must have closed it, when its outbox holds at most `outbox` bytes: the
+/// outbox, as much again taken for the socket, tungstenite's write buffer (1 MiB), and the
+/// two kernel socket buffers between the gateway and the client at their largest on this
+/// machine. Derived, so that no machine's buffer sizes make a test flaky.
+fn backlog_bound(outbox: usize, size: usize) -> usize {
+    let max = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|v| v.split_whitespace().last().and_then(|n| n.parse().ok()))
+            .unwrap_or(64 << 20)
+    };
+    let kernel = max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem");
+    (2 * outbox + (1 << 20) + kernel) / size + 8
+}
+
 fn hostile_frame(rng: &mut impl Rng) -> Message {
     let types = [
         "chat",
@@ -173,12 +189,57 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_others(
             }
             other => panic!("unexpected {other:?}: {m}"),
         }
-        assert!(next < 4000, "the slow client was never disconnected");
+        assert!(next < backlog_bound(16 * 32 * 1024, 32 * 1024), "the slow client was never disconnected");
     }
     drop(progress);
     let _ = flood.await;
     // Once it reads again, the slow client finds the close frame after what it was sent.
     let close = slow.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    still_chats(&gw).await;
+}
+
+/// A client that never reads pins a bounded number of bytes, however large the messages
+/// sent to it: the outbox is bounded in bytes as well as in messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_pins_at_most_the_outbox_bytes() {
+    let mut s = settings();
+    // Only the byte bound can stop it.
+    s.limits.outbox_messages = 1_000_000;
+    let outbox = s.limits.outbox_bytes;
+    let gw = Gw::start(s).await;
+    let mut reader = gw.client().await;
+    let mut deaf = gw.client().await;
+    let mut sender = gw.client().await;
+    for c in [&mut reader, &mut deaf, &mut sender] {
+        c.join("big").await;
+    }
+    reader.expect("user_joined").await;
+    reader.expect("user_joined").await;
+    deaf.expect("user_joined").await;
+    // From here on `deaf` reads nothing. Relayed moves of 63 KiB reach it and the reader.
+    let payload = "z".repeat(63 * 1024);
+    let size = payload.len();
+    let bound = backlog_bound(outbox, size);
+    let deaf_id = deaf.id.clone();
+    let mut sent = 0;
+    loop {
+        assert!(sent < bound, "a client that reads nothing was sent {sent} x {size} bytes and is still connected");
+        sender.send(json!({"type": "game_move", "room": "big", "x": payload})).await;
+        sent += 1;
+        let m = reader.recv().await;
+        match m["type"].as_str() {
+            Some("opponent_move") => {}
+            Some("user_left") => {
+                assert_eq!(m["clientId"], deaf_id.as_str());
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    eprintln!("closed after {sent} messages of {size} bytes (bound {bound})");
+    assert_eq!(gw.metric("rtgate_slow_consumers_total").await, 1.0);
+    let close = deaf.expect_close().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1013);
     still_chats(&gw).await;
 }

@@ -139,10 +139,12 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
-    /// The next JSON message, skipping control frames; panics on close or timeout.
+    /// The next JSON message, skipping control frames; panics on close, or if none comes
+    /// within [`TIMEOUT`] (pings do not extend the wait).
     pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
-            let msg = tokio::time::timeout(TIMEOUT, self.ws.next())
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .unwrap_or_else(|_| panic!("client {} got nothing within {TIMEOUT:?}", self.id))
                 .unwrap_or_else(|| panic!("client {}: stream ended", self.id))
@@ -188,8 +190,9 @@ impl Client {
 
     /// Reads until the server closes; returns the close frame (None: closed without one).
     pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
-            match tokio::time::timeout(TIMEOUT, self.ws.next()).await.expect("close within timeout") {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await.expect("close within timeout") {
                 Some(Ok(Message::Close(frame))) => return frame,
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,
