@@ -142,7 +142,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                gw.hub.heartbeat(hb.timeout);
+                gw.hub.heartbeat(hb.timeout, gw.settings.auth.leeway_seconds);
                 gw.limits.sweep();
                 gw.ip_limits.sweep();
                 release_free_memory();

@@ -587,6 +587,8 @@ async fn an_expired_token_closes_the_connection_unless_refreshed() {
     let close = c.expect_close().await.expect("a close frame");
     assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "token expired"));
 
+    // A new short token: the first one is past its expiry now, and refused at connect too.
+    short["exp"] = json!(now() + 2);
     let mut r = connect_with(&gw, &hs256(&short)).await;
     let mut long = claims("brief");
     long["exp"] = json!(now() + 3600);
@@ -612,4 +614,113 @@ async fn guests_get_names_and_may_choose_one() {
     c.expect_error(json!({"type": "set_name", "name": "x".repeat(33)}), "invalid_name").await;
     c.expect_error(json!({"type": "set_name", "name": "\u{7}"}), "invalid_name").await;
     c.expect_error(json!({"type": "refresh", "token": "t"}), "forbidden").await;
+}
+
+/// The 401 an upgrade with `token` gets: its status and `message`.
+async fn refusal(gw: &Gw, token: &str) -> (u16, String) {
+    let (status, body) = try_upgrade(gw, "/ws", &[("Authorization", &format!("Bearer {token}"))]).await;
+    (status, body["message"].as_str().unwrap_or_default().to_string())
+}
+
+fn without(mut claims: Value, claim: &str) -> Value {
+    claims.as_object_mut().unwrap().remove(claim);
+    claims
+}
+
+#[tokio::test]
+async fn a_configured_audience_or_issuer_must_be_in_the_token() {
+    let no_aud = without(claims("u1"), "aud");
+    let no_iss = without(claims("u1"), "iss");
+    let mut numeric_iss = claims("u1");
+    numeric_iss["iss"] = json!(42);
+    let gw = Gw::start(jwt_settings()).await;
+    for (case, token, reason) in [
+        ("no aud", &no_aud, "token lacks a required claim (aud)"),
+        ("no iss", &no_iss, "token lacks a required claim (iss)"),
+        ("iss not a string", &numeric_iss, "token lacks a required claim (iss)"),
+    ] {
+        assert_eq!(refusal(&gw, &hs256(token)).await, (401, reason.to_string()), "{case}");
+    }
+    // Only what is configured is required.
+    let mut s = jwt_settings();
+    s.auth.issuer = vec![];
+    let gw = Gw::start(s).await;
+    assert_eq!(connect_with(&gw, &hs256(&no_iss)).await.welcome["userId"], "u1");
+    assert_eq!(refusal(&gw, &hs256(&no_aud)).await.0, 401);
+    let mut s = jwt_settings();
+    s.auth.audience = vec![];
+    let gw = Gw::start(s).await;
+    assert_eq!(connect_with(&gw, &hs256(&no_aud)).await.welcome["userId"], "u1");
+    assert_eq!(refusal(&gw, &hs256(&no_iss)).await.0, 401);
+}
+
+#[tokio::test]
+async fn a_malformed_rooms_claim_is_refused_not_read_as_no_restriction() {
+    let gw = Gw::start(jwt_settings()).await;
+    for rooms in [json!(7), json!({"lobby": true}), json!(true), json!(null), json!(["lobby", 3]), json!([["lobby"]])] {
+        let mut c = claims("m");
+        c["rooms"] = rooms.clone();
+        let reason = "token claim rooms must be a room pattern or an array of them".to_string();
+        assert_eq!(refusal(&gw, &hs256(&c)).await, (401, reason), "rooms = {rooms}");
+    }
+    // Well formed, even empty, it is honoured.
+    let mut none = claims("m");
+    none["rooms"] = json!([]);
+    let mut c = connect_with(&gw, &hs256(&none)).await;
+    c.expect_error(json!({"type": "join_room", "room": "lobby"}), "forbidden").await;
+    // A refresh with a malformed claim is refused and changes nothing.
+    let mut lobby = claims("m");
+    lobby["rooms"] = json!(["lobby"]);
+    let mut c = connect_with(&gw, &hs256(&lobby)).await;
+    let mut bad = claims("m");
+    bad["rooms"] = json!(1);
+    let err = c.expect_error(json!({"type": "refresh", "token": hs256(&bad)}), "invalid_token").await;
+    assert_eq!(err["message"], "Token refused: token claim rooms must be a room pattern or an array of them");
+    c.expect_error(json!({"type": "join_room", "room": "elsewhere"}), "forbidden").await;
+    c.join("lobby").await;
+}
+
+#[tokio::test]
+async fn the_clock_skew_leeway_applies_after_connect_as_at_connect() {
+    let mut s = jwt_settings();
+    s.auth.leeway_seconds = 60;
+    s.heartbeat.interval = Duration::from_millis(100);
+    let gw = Gw::start(s).await;
+    // Expired 52 s ago: inside the leeway for 8 more seconds.
+    let mut late = claims("late");
+    late["exp"] = json!(now() - 52);
+    let mut c = connect_with(&gw, &hs256(&late)).await;
+    // A heartbeat round that pings the connection is one that did not close it.
+    let mut pings = 0;
+    while pings < 3 {
+        match tokio::time::timeout(TIMEOUT, futures_util::StreamExt::next(&mut c.ws)).await.expect("a frame") {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected heartbeat pings, got {other:?}"),
+        }
+    }
+    // Past exp + leeway, the heartbeat closes it.
+    let close = c.expect_close().await.expect("a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "token expired"));
+}
+
+#[tokio::test]
+async fn sub_may_be_an_integer_and_exp_is_required() {
+    const SUB: &str = "token claim sub must be a string of 1 to 256 bytes or an integer";
+    let gw = Gw::start(jwt_settings()).await;
+    let mut numeric = claims("x");
+    numeric["sub"] = json!(12345);
+    let c = connect_with(&gw, &hs256(&numeric)).await;
+    assert_eq!((c.welcome["userId"].as_str(), c.welcome["username"].as_str()), (Some("12345"), Some("x name")));
+    for (sub, reason) in [(json!(1.5), SUB), (json!(true), SUB), (json!(""), SUB), (json!("x".repeat(257)), SUB)] {
+        let mut c = claims("x");
+        c["sub"] = sub.clone();
+        assert_eq!(refusal(&gw, &hs256(&c)).await, (401, reason.to_string()), "sub = {sub}");
+    }
+    assert_eq!(
+        refusal(&gw, &hs256(&without(claims("x"), "exp"))).await,
+        (401, "token lacks a required claim (exp)".to_string())
+    );
+    let mut text_exp = claims("x");
+    text_exp["exp"] = json!((now() + 3600).to_string());
+    assert_eq!(refusal(&gw, &hs256(&text_exp)).await, (401, "token claim exp must be a number".to_string()));
 }
