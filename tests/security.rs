@@ -681,6 +681,48 @@ async fn a_malformed_rooms_claim_is_refused_not_read_as_no_restriction() {
 }
 
 #[tokio::test]
+async fn a_refresh_that_drops_a_room_leaves_it_as_any_leave_does() {
+    let gw = Gw::start(jwt_settings()).await;
+    let mut both = claims("alice");
+    both["rooms"] = json!(["kept", "dropped"]);
+    let mut alice = connect_with(&gw, &hs256(&both)).await;
+    let mut bob = connect_with(&gw, &hs256(&claims("bob"))).await;
+    for room in ["kept", "dropped"] {
+        bob.join(room).await;
+        alice.join(room).await;
+        bob.expect("user_joined").await;
+    }
+    alice.send(json!({"type": "typing_start", "room": "dropped"})).await;
+    bob.expect("user_typing").await;
+
+    let mut fewer = claims("alice");
+    fewer["rooms"] = json!(["kept"]);
+    fewer["exp"] = json!(now() + 7200);
+    alice.send(json!({"type": "refresh", "token": hs256(&fewer)})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "room_left", "room": "dropped", "reason": "forbidden",
+               "message": "Your new token does not allow room \"dropped\""})
+    );
+    assert_eq!(alice.expect("token_refreshed").await["expiresAt"], fewer["exp"]);
+    // The others see an ordinary leave, and the plugins' on_leave runs (typing's clears
+    // alice's indicator).
+    let left = bob.expect("user_left").await;
+    assert_eq!((left["room"].as_str(), left["clientId"].as_str()), (Some("dropped"), Some(alice.id.as_str())));
+    let stopped = bob.expect("user_stop_typing").await;
+    assert_eq!((stopped["room"].as_str(), stopped["userId"].as_str()), (Some("dropped"), Some("alice")));
+    // What is said in the dropped room no longer reaches alice: the next message she gets
+    // is the one sent after it, in the room she kept.
+    bob.send(json!({"type": "chat", "room": "dropped", "message": "not for alice"})).await;
+    bob.send(json!({"type": "chat", "room": "kept", "message": "for alice"})).await;
+    let m = alice.expect("chat_message").await;
+    assert_eq!((m["room"].as_str(), m["message"].as_str()), (Some("kept"), Some("for alice")));
+    assert_eq!(gw.gateway().hub.members(&rtgate::protocol::RoomName::parse("dropped").unwrap()).len(), 1);
+    alice.expect_error(json!({"type": "leave_room", "room": "dropped"}), "not_in_room").await;
+    alice.expect_error(json!({"type": "join_room", "room": "dropped"}), "forbidden").await;
+}
+
+#[tokio::test]
 async fn the_clock_skew_leeway_applies_after_connect_as_at_connect() {
     let mut s = jwt_settings();
     s.auth.leeway_seconds = 60;
