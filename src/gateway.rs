@@ -117,6 +117,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         sanitizer: sanitizer.clone(),
         settings: settings.plugins.clone(),
+        allow_global_chat: settings.global_chat_allowed(),
     });
     let plugins = PluginHost::start(host).await?;
     let gateway = Arc::new(Gateway {

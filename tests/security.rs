@@ -746,6 +746,54 @@ async fn the_clock_skew_leeway_applies_after_connect_as_at_connect() {
 }
 
 #[tokio::test]
+async fn room_less_chat_reaches_everyone_only_where_allowed() {
+    const REFUSED: &str = "Messages to everyone are turned off on this server: send to a room";
+    // In jwt mode it is off by default; administrators may still.
+    let gw = Gw::start(jwt_settings()).await;
+    let mut admin = claims("root");
+    admin["role"] = json!("admin");
+    let mut root = connect_with(&gw, &hs256(&admin)).await;
+    let mut user = connect_with(&gw, &hs256(&claims("user"))).await;
+    let mut other = connect_with(&gw, &hs256(&claims("other"))).await;
+    user.send(json!({"type": "chat", "message": "everyone!"})).await;
+    user.send(json!({"type": "chat_message", "message": "everyone!"})).await;
+    for _ in ["chat", "chat_message"] {
+        let err = user.expect("error").await;
+        assert_eq!((err["code"].as_str(), err["message"].as_str()), (Some("room_required"), Some(REFUSED)));
+    }
+    root.send(json!({"type": "chat", "message": "from root"})).await;
+    root.send(json!({"type": "chat_message", "message": "from root too"})).await;
+    // The refused ones reached nobody: the admin's are the first the others get.
+    assert_eq!(other.expect("chat_message").await["message"], "from root");
+    assert_eq!(other.expect("new_message").await["message"], "from root too");
+    assert_eq!(user.expect("chat_message").await["message"], "from root");
+    assert_eq!(user.expect("new_message").await["message"], "from root too");
+    assert_eq!(root.expect("new_message").await["message"], "from root too");
+
+    let mut s = jwt_settings();
+    s.limits.allow_global_chat = Some(true);
+    let gw = Gw::start(s).await;
+    let mut user = connect_with(&gw, &hs256(&claims("user"))).await;
+    let mut other = connect_with(&gw, &hs256(&claims("other"))).await;
+    user.send(json!({"type": "chat", "message": "allowed"})).await;
+    assert_eq!(other.expect("chat_message").await["message"], "allowed");
+
+    // Guests keep the seed's behaviour unless it is turned off.
+    let mut s = settings();
+    s.limits.allow_global_chat = Some(false);
+    let gw = Gw::start(s).await;
+    let mut guest = gw.client().await;
+    let mut other = gw.client().await;
+    let err = guest.expect_error(json!({"type": "chat", "message": "everyone!"}), "room_required").await;
+    assert_eq!(err["message"], REFUSED);
+    guest.join("r").await;
+    other.join("r").await;
+    assert_eq!(guest.expect("user_joined").await["clientId"], other.id.as_str());
+    guest.send(json!({"type": "chat", "room": "r", "message": "in the room"})).await;
+    assert_eq!(other.expect("chat_message").await["message"], "in the room");
+}
+
+#[tokio::test]
 async fn sub_may_be_an_integer_and_exp_is_required() {
     const SUB: &str = "token claim sub must be a string of 1 to 256 bytes or an integer";
     let gw = Gw::start(jwt_settings()).await;
