@@ -3,12 +3,15 @@
 --   {"type":"chat","message":M,"room":R}
 --     -> every member of R, the sender included:
 --        {"type":"chat_message","clientId":id,"message":M,"timestamp":<ms>,"room":R}
---   without "room": every other connected client gets it (the sender excluded).
+--   without "room": every other connected client gets it (the sender excluded), if the
+--   sender is an admin or limits.allow_global_chat allows it (rtgate.allow_global_chat);
+--   otherwise the sender gets the error `room_required`.
 --
 -- Room messages are persisted (they carry "seq" and are replayable) unless
 -- [plugins.settings.chat] persist = false.
 
 local persist = rtgate.config.persist ~= false
+local REFUSED = "Messages to everyone are turned off on this server: send to a room"
 
 rtgate.on("chat", function(client, event)
   local message = event.message
@@ -24,6 +27,9 @@ rtgate.on("chat", function(client, event)
     username = client.username,
   }
   if event.room == nil then
+    if not (rtgate.allow_global_chat or client.admin) then
+      return "room_required", REFUSED
+    end
     rtgate.broadcast(out, { exclude = client.id })
     return
   end

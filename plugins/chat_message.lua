@@ -4,12 +4,15 @@
 --     -> every member of R, the sender included:
 --        {"type":"new_message","id":..,"userId":..,"username":..,"message":M,
 --         "timestamp":"<ISO 8601>","room":R}
---   without "room": every connected client, the sender included (the seed's io.emit).
+--   without "room": every connected client, the sender included (the seed's io.emit), if
+--   the sender is an admin or limits.allow_global_chat allows it (rtgate.allow_global_chat);
+--   otherwise the sender gets the error `room_required`.
 --
 -- The username is the sender's identity, never a field the client sends. Room messages
 -- are persisted unless [plugins.settings.chat_message] persist = false.
 
 local persist = rtgate.config.persist ~= false
+local REFUSED = "Messages to everyone are turned off on this server: send to a room"
 
 rtgate.on("chat_message", function(client, event)
   local message = event.message
@@ -31,6 +34,9 @@ rtgate.on("chat_message", function(client, event)
     room = room,
   }
   if room == nil then
+    if not (rtgate.allow_global_chat or client.admin) then
+      return "room_required", REFUSED
+    end
     rtgate.broadcast(out)
     return
   end

@@ -42,6 +42,8 @@ pub enum AuthError {
     WrongIssuer,
     #[error("token lacks a required claim ({0})")]
     MissingClaim(String),
+    #[error("token claim {claim} must be {expected}")]
+    InvalidClaim { claim: String, expected: &'static str },
     #[error("token belongs to another user")]
     OtherUser,
 }
@@ -114,21 +116,44 @@ impl Auth {
             _ => AuthError::Malformed,
         })?;
         let claims = data.claims;
+        let s = &self.settings;
+        // `sub` and `exp` are read here rather than by jsonwebtoken, so that a wrong type is
+        // reported as such and expiry has one rule (`expired`) at connect and afterwards.
         let sub = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
-            _ => return Err(AuthError::MissingClaim("sub".into())),
+            // Some issuers number their users; the id is the number's decimal text.
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            None => return Err(AuthError::MissingClaim("sub".into())),
+            Some(_) => return Err(invalid_claim("sub", "a string of 1 to 256 bytes or an integer")),
         };
-        let s = &self.settings;
+        let expires_at = match claims.get("exp") {
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
+                (Some(exp), _) => exp,
+                (None, Some(exp)) if exp.is_finite() && exp >= 0.0 => exp as u64,
+                _ => return Err(invalid_claim("exp", "a number")),
+            },
+            None => return Err(AuthError::MissingClaim("exp".into())),
+            Some(_) => return Err(invalid_claim("exp", "a number")),
+        };
+        if expired(expires_at, crate::clock::now_secs(), s.leeway_seconds) {
+            return Err(AuthError::Expired);
+        }
         let name = match claims.get(&s.name_claim) {
             Some(Value::String(n)) => clean_name(n, max_name_chars).unwrap_or_else(|| sub.clone()),
             _ => sub.clone(),
         };
+        // Present, the claim restricts; malformed, it must not read as "no restriction".
         let rooms = match claims.get(&s.rooms_claim) {
-            Some(Value::Array(list)) => {
-                Some(list.iter().filter_map(|v| v.as_str().map(str::to_string)).collect::<Vec<_>>().into())
-            }
+            None => None,
             Some(Value::String(one)) => Some(vec![one.clone()].into()),
-            _ => None,
+            Some(Value::Array(list)) => Some(
+                list.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| invalid_claim(&s.rooms_claim, ROOMS_CLAIM))?
+                    .into(),
+            ),
+            Some(_) => return Err(invalid_claim(&s.rooms_claim, ROOMS_CLAIM)),
         };
         let admin = match claims.get(&s.admin_claim) {
             Some(Value::String(v)) => *v == s.admin_value,
@@ -136,8 +161,7 @@ impl Auth {
             Some(Value::Bool(b)) => *b && s.admin_value == "true",
             _ => false,
         };
-        let expires_at = claims.get("exp").and_then(Value::as_u64);
-        Ok((Arc::from(sub), Profile { username: Arc::from(name), admin, rooms, expires_at }))
+        Ok((Arc::from(sub), Profile { username: Arc::from(name), admin, rooms, expires_at: Some(expires_at) }))
     }
 
     /// Whether a user may join, publish to, or read the history of `room`.
@@ -149,6 +173,18 @@ impl Auth {
             None => !private,
         }
     }
+}
+
+const ROOMS_CLAIM: &str = "a room pattern or an array of them";
+
+fn invalid_claim(claim: &str, expected: &'static str) -> AuthError {
+    AuthError::InvalidClaim { claim: claim.to_string(), expected }
+}
+
+/// The one expiry rule, for a token being checked and for a connection living on it: past
+/// `exp` by more than the clock-skew `leeway` (all in Unix seconds).
+pub fn expired(exp: u64, now: u64, leeway: u64) -> bool {
+    now > exp.saturating_add(leeway)
 }
 
 /// A display name a person chose: trimmed, control characters removed, 1 to `max`
@@ -177,15 +213,21 @@ fn decoding_key(s: &AuthSettings) -> Result<(DecodingKey, Validation), ConfigErr
     let mut validation = Validation::new(alg);
     validation.leeway = s.leeway_seconds;
     validation.validate_nbf = true;
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    // `exp` and `sub` are checked in `verify`. jsonwebtoken only compares `aud` and `iss`
+    // when the token has them: configured, they are required too.
+    validation.validate_exp = false;
+    let mut required = Vec::new();
     if s.audience.is_empty() {
         validation.validate_aud = false;
     } else {
         validation.set_audience(&s.audience);
+        required.push("aud");
     }
     if !s.issuer.is_empty() {
         validation.set_issuer(&s.issuer);
+        required.push("iss");
     }
+    validation.set_required_spec_claims(&required);
     Ok((key, validation))
 }
 
@@ -250,6 +292,15 @@ mod tests {
         assert!(!glob("a*b*c", "axxbyy"));
         assert!(glob("lobby", "lobby"));
         assert!(!glob("lobby", "lobby2"));
+    }
+
+    #[test]
+    fn expiry_tolerates_the_leeway_and_no_more() {
+        assert!(!expired(100, 100, 0));
+        assert!(expired(100, 101, 0));
+        assert!(!expired(100, 130, 30));
+        assert!(expired(100, 131, 30));
+        assert!(!expired(u64::MAX, u64::MAX, 30));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, File, FileFormat, ValueKind};
 use serde::{Deserialize, Deserializer};
 
 /// The embedded defaults; also the documentation of every key.
@@ -140,6 +140,9 @@ pub struct LimitSettings {
     pub max_members_per_room: usize,
     pub max_connections_per_ip: usize,
     pub new_connections_per_ip_per_second: u32,
+    /// `None` ("auto"): allowed in anonymous mode only; see [`Settings::global_chat_allowed`].
+    #[serde(deserialize_with = "bool_or_auto")]
+    pub allow_global_chat: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -190,6 +193,86 @@ pub struct Bucket {
     pub burst: u32,
 }
 
+/// `true`, `false` or `"auto"` (`None`); from the environment, the same words as text.
+fn bool_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(b) => Ok(Some(b)),
+        Raw::Text(t) => match t.to_ascii_lowercase().as_str() {
+            "auto" => Ok(None),
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            _ => Err(serde::de::Error::custom(format!("`{t}` is not true, false or \"auto\""))),
+        },
+    }
+}
+
+/// The layers merged, before they are read into [`Settings`].
+fn layered(file: Option<&Path>, vars: Vec<(String, String)>) -> Result<Config, ConfigError> {
+    let defaults = File::from_str(DEFAULT_TOML, FileFormat::Toml);
+    let mut builder = Config::builder().add_source(defaults.clone());
+    if let Some(path) = file {
+        builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+    }
+    if !vars.is_empty() {
+        let defaults = Config::builder().add_source(defaults).build()?;
+        for (key, value) in vars {
+            let default = defaults.get::<config::Value>(&key).ok().map(|v| v.kind);
+            builder = builder.set_override(&key, env_value(default, value))?;
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// The `RTGATE__SECTION__KEY` variables (any case), as `(section.key, value)`.
+fn environment() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().map(str::to_ascii_lowercase) else { continue };
+        let Some(key) = name.strip_prefix("rtgate__") else { continue };
+        let value = value.into_string().map_err(|_| {
+            ConfigError::Load(config::ConfigError::Message(format!("{} is not valid UTF-8", name.to_uppercase())))
+        })?;
+        vars.push((key.replace("__", "."), value));
+    }
+    Ok(vars)
+}
+
+/// An environment variable's text, typed by the key's embedded default: a list is split at
+/// commas, a string stays exactly the text given (a secret of digits is not a number), and
+/// anything else (numbers, booleans, plugin settings the defaults lack) is read as a
+/// boolean or number when it is one.
+fn env_value(default: Option<ValueKind>, text: String) -> config::Value {
+    let origin = Some("the environment".to_string());
+    let kind = match default {
+        Some(ValueKind::Array(_)) => ValueKind::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| config::Value::new(origin.as_ref(), item))
+                .collect(),
+        ),
+        Some(ValueKind::String(_)) => ValueKind::String(text),
+        _ => {
+            if let Ok(b) = text.to_ascii_lowercase().parse::<bool>() {
+                ValueKind::Boolean(b)
+            } else if let Ok(i) = text.parse::<i64>() {
+                ValueKind::I64(i)
+            } else if let Some(f) = text.parse::<f64>().ok().filter(|f| f.is_finite()) {
+                ValueKind::Float(f)
+            } else {
+                ValueKind::String(text)
+            }
+        }
+    };
+    config::Value::new(origin.as_ref(), kind)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration ({e})")))
@@ -204,23 +287,22 @@ impl Settings {
 
     /// Defaults, then `file` if given, then (when `env` is set) `RTGATE__*` variables.
     pub fn load(file: Option<&Path>, env: bool) -> Result<Settings, ConfigError> {
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
-        if let Some(path) = file {
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
-        }
-        if env {
-            builder = builder.add_source(
-                Environment::with_prefix("RTGATE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .list_separator(",")
-                    .with_list_parse_key("server.allowed_origins"),
-            );
-        }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let vars = if env { environment()? } else { Vec::new() };
+        Self::load_from(file, vars)
+    }
+
+    /// `load` with the environment given as `(name, value)` pairs.
+    pub fn load_from(file: Option<&Path>, vars: Vec<(String, String)>) -> Result<Settings, ConfigError> {
+        let settings: Settings = layered(file, vars)?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Whether users without the admin role may send a chat message to everyone connected
+    /// (`limits.allow_global_chat`; "auto" allows it to anonymous guests only, as the seed
+    /// did, because with tokens addressing everyone is otherwise an admin's right).
+    pub fn global_chat_allowed(&self) -> bool {
+        self.limits.allow_global_chat.unwrap_or(self.auth.mode == AuthMode::Anonymous)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -314,5 +396,84 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::Invalid { key: "log.filter", reason: e.to_string() })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key whose embedded default is a list.
+    fn list_keys() -> Vec<String> {
+        fn walk(prefix: &str, table: config::Map<String, config::Value>, out: &mut Vec<String>) {
+            for (name, value) in table {
+                let key = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+                match value.kind {
+                    ValueKind::Table(table) => walk(&key, table, out),
+                    ValueKind::Array(_) => out.push(key),
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        walk("", layered(None, Vec::new()).unwrap().try_deserialize().unwrap(), &mut keys);
+        keys
+    }
+
+    #[test]
+    fn every_list_key_reads_a_comma_separated_environment_value() {
+        let keys = list_keys();
+        assert!(keys.len() >= 6, "{keys:?}");
+        let value = "https://a.example, https://b.example,";
+        let vars: Vec<(String, String)> = keys.iter().map(|k| (k.clone(), value.to_string())).collect();
+        let merged = layered(None, vars.clone()).unwrap();
+        for key in &keys {
+            assert_eq!(merged.get::<Vec<String>>(key).unwrap(), ["https://a.example", "https://b.example"], "{key}");
+        }
+        let s = Settings::load_from(None, vars).unwrap();
+        assert_eq!(s.auth.audience, ["https://a.example", "https://b.example"]);
+        // An empty value is an empty list.
+        let s = Settings::load_from(None, vec![("auth.private_room_prefixes".into(), String::new())]).unwrap();
+        assert!(s.auth.private_room_prefixes.is_empty());
+    }
+
+    #[test]
+    fn environment_strings_stay_strings_and_numbers_stay_numbers() {
+        let digits = "123456789012345678901234567890123";
+        let s = Settings::load_from(
+            None,
+            vec![
+                ("auth.secret".into(), digits.into()),
+                ("auth.name_claim".into(), "true".into()),
+                ("log.filter".into(), "0042".into()),
+                ("limits.max_frame_bytes".into(), "4096".into()),
+                ("history.enabled".into(), "false".into()),
+                ("plugins.settings.typing.timeout_ms".into(), "250".into()),
+                ("plugins.settings.extra.ratio".into(), "0.5".into()),
+                ("limits.allow_global_chat".into(), "false".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.auth.secret, digits);
+        assert_eq!(s.auth.name_claim, "true");
+        assert_eq!(s.log.filter, "0042");
+        assert_eq!(s.limits.max_frame_bytes, 4096);
+        assert!(!s.history.enabled);
+        assert_eq!(s.plugins.settings["typing"]["timeout_ms"], serde_json::json!(250));
+        assert_eq!(s.plugins.settings["extra"]["ratio"], serde_json::json!(0.5));
+        assert_eq!(s.limits.allow_global_chat, Some(false));
+    }
+
+    #[test]
+    fn global_chat_is_for_guests_unless_configured() {
+        let mut s = Settings::defaults();
+        assert_eq!(s.limits.allow_global_chat, None);
+        assert!(s.global_chat_allowed());
+        s.auth.mode = AuthMode::Jwt;
+        assert!(!s.global_chat_allowed());
+        s.limits.allow_global_chat = Some(true);
+        assert!(s.global_chat_allowed());
+        let bad = Settings::load_from(None, vec![("limits.allow_global_chat".into(), "sometimes".into())]);
+        assert!(bad.unwrap_err().to_string().contains("limits.allow_global_chat"));
     }
 }

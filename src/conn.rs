@@ -271,8 +271,9 @@ impl Identity {
         self.profile.write().username = username;
     }
 
-    pub fn expired(&self, now_secs: u64) -> bool {
-        self.profile.read().expires_at.is_some_and(|exp| now_secs >= exp)
+    /// Whether the token has expired, by the rule it was accepted with ([`crate::auth::expired`]).
+    pub fn expired(&self, now_secs: u64, leeway_secs: u64) -> bool {
+        self.profile.read().expires_at.is_some_and(|exp| crate::auth::expired(exp, now_secs, leeway_secs))
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         sanitizer: sanitizer.clone(),
         settings: settings.plugins.clone(),
+        allow_global_chat: settings.global_chat_allowed(),
     });
     let plugins = PluginHost::start(host).await?;
     let gateway = Arc::new(Gateway {
@@ -147,7 +148,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                gw.hub.heartbeat(hb.timeout);
+                gw.hub.heartbeat(hb.timeout, gw.settings.auth.leeway_seconds);
                 gw.limits.sweep();
                 gw.ip_limits.sweep();
                 release_free_memory();

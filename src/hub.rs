@@ -247,15 +247,15 @@ impl Hub {
     }
 
     /// One heartbeat round: terminates connections silent for `timeout`, closes those whose
-    /// token expired, pings the rest. A single sweep for all connections replaces a timer
-    /// per connection.
-    pub fn heartbeat(&self, timeout: Duration) {
+    /// token expired (past the same clock-skew `leeway_secs` it was accepted with), pings the
+    /// rest. A single sweep for all connections replaces a timer per connection.
+    pub fn heartbeat(&self, timeout: Duration, leeway_secs: u64) {
         let ping = Frame::Ping(Default::default());
         let now = crate::clock::now_secs();
         for conn in self.conns.iter() {
             if conn.idle_for() > timeout {
                 conn.outbox.close(CloseReason::HeartbeatTimeout);
-            } else if conn.identity.expired(now) {
+            } else if conn.identity.expired(now, leeway_secs) {
                 conn.outbox.close(CloseReason::Policy("token expired"));
             } else {
                 self.push(conn.value(), ping.clone());

@@ -6,12 +6,20 @@ use std::process::ExitCode;
 use clap::Parser;
 use rtgate::Settings;
 
+/// How settings are layered; `--help` shows it after the options.
+const LAYERS: &str = "\
+Settings come in layers, later ones winning: the embedded defaults (every key is documented
+in config/default.toml), the --config file, then environment variables RTGATE__SECTION__KEY,
+e.g. RTGATE__SERVER__BIND=0.0.0.0:3000 or RTGATE__AUTH__MODE=jwt. Lists are comma separated:
+RTGATE__AUTH__AUDIENCE=app,admin. An unknown key or an invalid value stops start-up with a
+message naming the key.";
+
 /// A real-time WebSocket gateway with rooms, Lua plugins and persisted history.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, after_help = LAYERS)]
 struct Args {
-    /// Configuration file layered over the embedded defaults (also: RTGATE_CONFIG).
-    #[arg(long, env = "RTGATE_CONFIG")]
+    /// Configuration file (TOML) layered over the embedded defaults.
+    #[arg(long, env = "RTGATE_CONFIG", hide_env_values = true)]
     config: Option<PathBuf>,
     /// Check the configuration and load every plugin, report problems, and exit
     /// (0: all good, 1: a plugin failed, 2: the configuration is invalid).

@@ -181,6 +181,19 @@ pub fn token_refreshed(expires_at: Option<u64>) -> Frame {
     frame(&Refreshed { r#type: "token_refreshed", expires_at })
 }
 
+/// Tells a client the gateway took it out of `room`; `reason` is an error code
+/// (`forbidden`: a refreshed token no longer allows the room).
+pub fn room_left(room: &RoomName, reason: &str, message: &str) -> Frame {
+    #[derive(Serialize)]
+    struct RoomLeft<'a> {
+        r#type: &'static str,
+        room: &'a RoomName,
+        reason: &'a str,
+        message: &'a str,
+    }
+    frame(&RoomLeft { r#type: "room_left", room, reason, message })
+}
+
 pub fn name_set(username: &str) -> Frame {
     #[derive(Serialize)]
     struct NameSet<'a> {

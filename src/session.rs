@@ -260,6 +260,7 @@ async fn dispatch(gw: &Gateway, conn: &Arc<Conn>, event: ClientEvent) -> Result<
             }
             let expires = profile.expires_at;
             conn.identity.set_profile(Profile { username: gw.sanitizer.clean(&profile.username).into(), ..profile });
+            leave_rooms_no_longer_allowed(gw, conn);
             conn.send(protocol::token_refreshed(expires));
         }
         ClientEvent::SetName { name } => {
@@ -295,4 +296,18 @@ async fn dispatch(gw: &Gateway, conn: &Arc<Conn>, event: ClientEvent) -> Result<
         }
     }
     Ok(())
+}
+
+/// A refreshed token's rooms apply to the rooms already joined: each one it no longer allows
+/// is left as by `leave_room` (`user_left` to the others, the plugins' leave hooks), and the
+/// client is told with `room_left`.
+fn leave_rooms_no_longer_allowed(gw: &Gateway, conn: &Arc<Conn>) {
+    let profile = conn.identity.profile();
+    for room in conn.rooms() {
+        if !gw.auth.may_enter(&profile, &room) && gw.hub.leave(conn, &room).is_ok() {
+            gw.plugins.hook(HookMask::LEAVE, conn, Some(&room));
+            let why = format!("Your new token does not allow room \"{room}\"");
+            conn.send(protocol::room_left(&room, "forbidden", &why));
+        }
+    }
 }

@@ -587,6 +587,8 @@ async fn an_expired_token_closes_the_connection_unless_refreshed() {
     let close = c.expect_close().await.expect("a close frame");
     assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "token expired"));
 
+    // A new short token: the first one is past its expiry now, and refused at connect too.
+    short["exp"] = json!(now() + 2);
     let mut r = connect_with(&gw, &hs256(&short)).await;
     let mut long = claims("brief");
     long["exp"] = json!(now() + 3600);
@@ -612,4 +614,203 @@ async fn guests_get_names_and_may_choose_one() {
     c.expect_error(json!({"type": "set_name", "name": "x".repeat(33)}), "invalid_name").await;
     c.expect_error(json!({"type": "set_name", "name": "\u{7}"}), "invalid_name").await;
     c.expect_error(json!({"type": "refresh", "token": "t"}), "forbidden").await;
+}
+
+/// The 401 an upgrade with `token` gets: its status and `message`.
+async fn refusal(gw: &Gw, token: &str) -> (u16, String) {
+    let (status, body) = try_upgrade(gw, "/ws", &[("Authorization", &format!("Bearer {token}"))]).await;
+    (status, body["message"].as_str().unwrap_or_default().to_string())
+}
+
+fn without(mut claims: Value, claim: &str) -> Value {
+    claims.as_object_mut().unwrap().remove(claim);
+    claims
+}
+
+#[tokio::test]
+async fn a_configured_audience_or_issuer_must_be_in_the_token() {
+    let no_aud = without(claims("u1"), "aud");
+    let no_iss = without(claims("u1"), "iss");
+    let mut numeric_iss = claims("u1");
+    numeric_iss["iss"] = json!(42);
+    let gw = Gw::start(jwt_settings()).await;
+    for (case, token, reason) in [
+        ("no aud", &no_aud, "token lacks a required claim (aud)"),
+        ("no iss", &no_iss, "token lacks a required claim (iss)"),
+        ("iss not a string", &numeric_iss, "token lacks a required claim (iss)"),
+    ] {
+        assert_eq!(refusal(&gw, &hs256(token)).await, (401, reason.to_string()), "{case}");
+    }
+    // Only what is configured is required.
+    let mut s = jwt_settings();
+    s.auth.issuer = vec![];
+    let gw = Gw::start(s).await;
+    assert_eq!(connect_with(&gw, &hs256(&no_iss)).await.welcome["userId"], "u1");
+    assert_eq!(refusal(&gw, &hs256(&no_aud)).await.0, 401);
+    let mut s = jwt_settings();
+    s.auth.audience = vec![];
+    let gw = Gw::start(s).await;
+    assert_eq!(connect_with(&gw, &hs256(&no_aud)).await.welcome["userId"], "u1");
+    assert_eq!(refusal(&gw, &hs256(&no_iss)).await.0, 401);
+}
+
+#[tokio::test]
+async fn a_malformed_rooms_claim_is_refused_not_read_as_no_restriction() {
+    let gw = Gw::start(jwt_settings()).await;
+    for rooms in [json!(7), json!({"lobby": true}), json!(true), json!(null), json!(["lobby", 3]), json!([["lobby"]])] {
+        let mut c = claims("m");
+        c["rooms"] = rooms.clone();
+        let reason = "token claim rooms must be a room pattern or an array of them".to_string();
+        assert_eq!(refusal(&gw, &hs256(&c)).await, (401, reason), "rooms = {rooms}");
+    }
+    // Well formed, even empty, it is honoured.
+    let mut none = claims("m");
+    none["rooms"] = json!([]);
+    let mut c = connect_with(&gw, &hs256(&none)).await;
+    c.expect_error(json!({"type": "join_room", "room": "lobby"}), "forbidden").await;
+    // A refresh with a malformed claim is refused and changes nothing.
+    let mut lobby = claims("m");
+    lobby["rooms"] = json!(["lobby"]);
+    let mut c = connect_with(&gw, &hs256(&lobby)).await;
+    let mut bad = claims("m");
+    bad["rooms"] = json!(1);
+    let err = c.expect_error(json!({"type": "refresh", "token": hs256(&bad)}), "invalid_token").await;
+    assert_eq!(err["message"], "Token refused: token claim rooms must be a room pattern or an array of them");
+    c.expect_error(json!({"type": "join_room", "room": "elsewhere"}), "forbidden").await;
+    c.join("lobby").await;
+}
+
+#[tokio::test]
+async fn a_refresh_that_drops_a_room_leaves_it_as_any_leave_does() {
+    let gw = Gw::start(jwt_settings()).await;
+    let mut both = claims("alice");
+    both["rooms"] = json!(["kept", "dropped"]);
+    let mut alice = connect_with(&gw, &hs256(&both)).await;
+    let mut bob = connect_with(&gw, &hs256(&claims("bob"))).await;
+    for room in ["kept", "dropped"] {
+        bob.join(room).await;
+        alice.join(room).await;
+        bob.expect("user_joined").await;
+    }
+    alice.send(json!({"type": "typing_start", "room": "dropped"})).await;
+    bob.expect("user_typing").await;
+
+    let mut fewer = claims("alice");
+    fewer["rooms"] = json!(["kept"]);
+    fewer["exp"] = json!(now() + 7200);
+    alice.send(json!({"type": "refresh", "token": hs256(&fewer)})).await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "room_left", "room": "dropped", "reason": "forbidden",
+               "message": "Your new token does not allow room \"dropped\""})
+    );
+    assert_eq!(alice.expect("token_refreshed").await["expiresAt"], fewer["exp"]);
+    // The others see an ordinary leave, and the plugins' on_leave runs (typing's clears
+    // alice's indicator).
+    let left = bob.expect("user_left").await;
+    assert_eq!((left["room"].as_str(), left["clientId"].as_str()), (Some("dropped"), Some(alice.id.as_str())));
+    let stopped = bob.expect("user_stop_typing").await;
+    assert_eq!((stopped["room"].as_str(), stopped["userId"].as_str()), (Some("dropped"), Some("alice")));
+    // What is said in the dropped room no longer reaches alice: the next message she gets
+    // is the one sent after it, in the room she kept.
+    bob.send(json!({"type": "chat", "room": "dropped", "message": "not for alice"})).await;
+    bob.send(json!({"type": "chat", "room": "kept", "message": "for alice"})).await;
+    let m = alice.expect("chat_message").await;
+    assert_eq!((m["room"].as_str(), m["message"].as_str()), (Some("kept"), Some("for alice")));
+    assert_eq!(gw.gateway().hub.members(&rtgate::protocol::RoomName::parse("dropped").unwrap()).len(), 1);
+    alice.expect_error(json!({"type": "leave_room", "room": "dropped"}), "not_in_room").await;
+    alice.expect_error(json!({"type": "join_room", "room": "dropped"}), "forbidden").await;
+}
+
+#[tokio::test]
+async fn the_clock_skew_leeway_applies_after_connect_as_at_connect() {
+    let mut s = jwt_settings();
+    s.auth.leeway_seconds = 60;
+    s.heartbeat.interval = Duration::from_millis(100);
+    let gw = Gw::start(s).await;
+    // Expired 52 s ago: inside the leeway for 8 more seconds.
+    let mut late = claims("late");
+    late["exp"] = json!(now() - 52);
+    let mut c = connect_with(&gw, &hs256(&late)).await;
+    // A heartbeat round that pings the connection is one that did not close it.
+    let mut pings = 0;
+    while pings < 3 {
+        match tokio::time::timeout(TIMEOUT, futures_util::StreamExt::next(&mut c.ws)).await.expect("a frame") {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected heartbeat pings, got {other:?}"),
+        }
+    }
+    // Past exp + leeway, the heartbeat closes it.
+    let close = c.expect_close().await.expect("a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "token expired"));
+}
+
+#[tokio::test]
+async fn room_less_chat_reaches_everyone_only_where_allowed() {
+    const REFUSED: &str = "Messages to everyone are turned off on this server: send to a room";
+    // In jwt mode it is off by default; administrators may still.
+    let gw = Gw::start(jwt_settings()).await;
+    let mut admin = claims("root");
+    admin["role"] = json!("admin");
+    let mut root = connect_with(&gw, &hs256(&admin)).await;
+    let mut user = connect_with(&gw, &hs256(&claims("user"))).await;
+    let mut other = connect_with(&gw, &hs256(&claims("other"))).await;
+    user.send(json!({"type": "chat", "message": "everyone!"})).await;
+    user.send(json!({"type": "chat_message", "message": "everyone!"})).await;
+    for _ in ["chat", "chat_message"] {
+        let err = user.expect("error").await;
+        assert_eq!((err["code"].as_str(), err["message"].as_str()), (Some("room_required"), Some(REFUSED)));
+    }
+    root.send(json!({"type": "chat", "message": "from root"})).await;
+    root.send(json!({"type": "chat_message", "message": "from root too"})).await;
+    // The refused ones reached nobody: the admin's are the first the others get.
+    assert_eq!(other.expect("chat_message").await["message"], "from root");
+    assert_eq!(other.expect("new_message").await["message"], "from root too");
+    assert_eq!(user.expect("chat_message").await["message"], "from root");
+    assert_eq!(user.expect("new_message").await["message"], "from root too");
+    assert_eq!(root.expect("new_message").await["message"], "from root too");
+
+    let mut s = jwt_settings();
+    s.limits.allow_global_chat = Some(true);
+    let gw = Gw::start(s).await;
+    let mut user = connect_with(&gw, &hs256(&claims("user"))).await;
+    let mut other = connect_with(&gw, &hs256(&claims("other"))).await;
+    user.send(json!({"type": "chat", "message": "allowed"})).await;
+    assert_eq!(other.expect("chat_message").await["message"], "allowed");
+
+    // Guests keep the seed's behaviour unless it is turned off.
+    let mut s = settings();
+    s.limits.allow_global_chat = Some(false);
+    let gw = Gw::start(s).await;
+    let mut guest = gw.client().await;
+    let mut other = gw.client().await;
+    let err = guest.expect_error(json!({"type": "chat", "message": "everyone!"}), "room_required").await;
+    assert_eq!(err["message"], REFUSED);
+    guest.join("r").await;
+    other.join("r").await;
+    assert_eq!(guest.expect("user_joined").await["clientId"], other.id.as_str());
+    guest.send(json!({"type": "chat", "room": "r", "message": "in the room"})).await;
+    assert_eq!(other.expect("chat_message").await["message"], "in the room");
+}
+
+#[tokio::test]
+async fn sub_may_be_an_integer_and_exp_is_required() {
+    const SUB: &str = "token claim sub must be a string of 1 to 256 bytes or an integer";
+    let gw = Gw::start(jwt_settings()).await;
+    let mut numeric = claims("x");
+    numeric["sub"] = json!(12345);
+    let c = connect_with(&gw, &hs256(&numeric)).await;
+    assert_eq!((c.welcome["userId"].as_str(), c.welcome["username"].as_str()), (Some("12345"), Some("x name")));
+    for (sub, reason) in [(json!(1.5), SUB), (json!(true), SUB), (json!(""), SUB), (json!("x".repeat(257)), SUB)] {
+        let mut c = claims("x");
+        c["sub"] = sub.clone();
+        assert_eq!(refusal(&gw, &hs256(&c)).await, (401, reason.to_string()), "sub = {sub}");
+    }
+    assert_eq!(
+        refusal(&gw, &hs256(&without(claims("x"), "exp"))).await,
+        (401, "token lacks a required claim (exp)".to_string())
+    );
+    let mut text_exp = claims("x");
+    text_exp["exp"] = json!((now() + 3600).to_string());
+    assert_eq!(refusal(&gw, &hs256(&text_exp)).await, (401, "token claim exp must be a number".to_string()));
 }

@@ -147,6 +147,7 @@ fn api_table(lua: &Lua, outlet: &Arc<Outlet>, plugin: &Arc<str>, shared: &Arc<Vm
     let rt = lua.create_table()?;
     rt.raw_set("null", lua.null())?;
     rt.raw_set("plugin", &**plugin)?;
+    rt.raw_set("allow_global_chat", host.allow_global_chat)?;
 
     let s = shared.clone();
     rt.raw_set(

@@ -45,6 +45,8 @@ pub struct Host {
     /// Cleans markup a script put into its output.
     pub sanitizer: Arc<crate::sanitize::Sanitizer>,
     pub settings: PluginSettings,
+    /// `limits.allow_global_chat` as it applies in this auth mode: `rtgate.allow_global_chat`.
+    pub allow_global_chat: bool,
 }
 
 impl Host {
@@ -417,7 +419,15 @@ pub async fn check_dir(settings: &PluginSettings) -> Vec<(String, String)> {
     // Nothing is served: output (there is none while loading) goes nowhere.
     let (output, _) = tokio::sync::mpsc::channel(1);
     let broker: Arc<dyn Broker> = Arc::new(crate::hub::LocalBroker(hub.clone()));
-    let host = Arc::new(Host { hub, broker, output, metrics, sanitizer, settings: settings.clone() });
+    let host = Arc::new(Host {
+        hub,
+        broker,
+        output,
+        metrics,
+        sanitizer,
+        settings: settings.clone(),
+        allow_global_chat: false,
+    });
     let scripts = match read_scripts(&settings.dir) {
         Ok(scripts) => scripts,
         Err(e) => return vec![(settings.dir.display().to_string(), e.to_string())],
