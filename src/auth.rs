@@ -278,6 +278,15 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether two secrets are equal, in time that depends on their lengths only, so that
+/// timing a refusal tells nothing about how much of a guessed key was right.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

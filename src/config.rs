@@ -37,6 +37,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub sanitize: SanitizeSettings,
     pub rate_limits: RateLimitSettings,
+    pub metrics: MetricsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +48,38 @@ pub struct ServerSettings {
     pub allow_missing_origin: bool,
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    #[serde(deserialize_with = "metrics_listen")]
+    pub listen: MetricsListen,
+    pub key: String,
+}
+
+/// Where `GET /metrics` is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// On the gateway's own address.
+    Main,
+    /// On a listener of its own (the gateway's address then serves no `/metrics`).
+    Separate(SocketAddr),
+    /// Nowhere.
+    Off,
+}
+
+fn metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<MetricsListen, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "main" => Ok(MetricsListen::Main),
+        "off" => Ok(MetricsListen::Off),
+        addr => addr.parse().map(MetricsListen::Separate).map_err(|_| {
+            serde::de::Error::custom(format!("`{text}` is not \"main\", \"off\" or an address such as 127.0.0.1:9464"))
+        }),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,6 +342,7 @@ impl Settings {
         fn check(ok: bool, key: &'static str, reason: &str) -> Result<(), ConfigError> {
             if ok { Ok(()) } else { Err(ConfigError::Invalid { key, reason: reason.to_string() }) }
         }
+        check(!self.server.header_timeout.is_zero(), "server.header_timeout", "must be greater than zero")?;
         let hb = &self.heartbeat;
         check(!hb.interval.is_zero(), "heartbeat.interval", "must be greater than zero")?;
         check(hb.timeout > hb.interval, "heartbeat.timeout", "must be longer than heartbeat.interval")?;

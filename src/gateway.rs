@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
-use crate::config::{ConfigError, Settings};
+use crate::config::{AuthMode, ConfigError, MetricsListen, Settings};
 use crate::conn::CloseReason;
 use crate::history::History;
 use crate::hub::{Broker, Hub, LocalBroker};
+use crate::listener::{self, Policy};
 use crate::metrics::Metrics;
 use crate::plugins::{Host, PluginError, PluginHost};
 use crate::ratelimit::{EventLimits, IpLimits};
@@ -87,9 +88,12 @@ impl Gateway {
 /// A started gateway.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub metrics_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
-    stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<()>,
+    stop: Option<watch::Sender<bool>>,
+    /// The accept loops (the gateway's address, and the metrics listener if any).
+    servers: Vec<JoinHandle<()>>,
     /// Tasks that could start new work (heartbeats, plugin reloads): stopped first.
     first_to_stop: Vec<JoinHandle<()>>,
     /// Tasks that finish work (plugin output, history): stopped last.
@@ -102,6 +106,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let bind = settings.server.bind;
     let listener = TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+    let metrics_listener = match settings.metrics.listen {
+        MetricsListen::Separate(at) => {
+            Some(TcpListener::bind(at).await.map_err(|source| StartError::Bind { addr: at, source })?)
+        }
+        MetricsListen::Main | MetricsListen::Off => None,
+    };
 
     let metrics = Arc::new(Metrics::default());
     let history = History::open(settings.history.clone(), metrics.clone()).await;
@@ -168,12 +178,44 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 
     let first_to_stop = vec![heartbeat, watcher];
 
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(crate::http::serve(listener, gateway.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let (stop, stopped) = watch::channel(false);
+    let policy = |limits| Policy {
+        limits,
+        header_timeout: gateway.settings.server.header_timeout,
+        metrics: gateway.metrics.clone(),
+    };
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let mut servers = vec![tokio::spawn(listener::serve(
+        listener,
+        crate::http::routes(gateway.clone()),
+        policy(Some(gateway.ip_limits.clone())),
+        until_stopped(stopped.clone()),
+    ))];
+    let metrics_addr = match metrics_listener {
+        Some(metrics) => {
+            let metrics_addr = metrics.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+            servers.push(tokio::spawn(listener::serve(
+                metrics,
+                crate::http::metrics_routes(gateway.clone()),
+                policy(None),
+                until_stopped(stopped),
+            )));
+            tracing::info!(addr = %metrics_addr, "metrics on http://{metrics_addr}/metrics");
+            Some(metrics_addr)
+        }
+        None => None,
+    };
+    let m = &gateway.settings.metrics;
+    if gateway.settings.auth.mode == AuthMode::Jwt && m.listen == MetricsListen::Main && m.key.is_empty() {
+        tracing::warn!(
+            "GET /metrics is readable by anyone who can reach the gateway: set metrics.listen to a \
+             separate (loopback) address, or metrics.key"
+        );
+    }
     tracing::info!(%addr, "rtgate listening on ws://{addr}/ws (and ws://{addr}/)");
-    Ok(Running { addr, gateway, stop: Some(stop), server, first_to_stop, background })
+    Ok(Running { addr, metrics_addr, gateway, stop: Some(stop), servers, first_to_stop, background })
 }
 
 /// Hands memory freed since the last call back to the operating system. glibc keeps freed
@@ -192,7 +234,7 @@ impl Running {
     /// `server.shutdown_grace` for sessions to end, then stops the plugins.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         let gw = &self.gateway;
         gw.hub.close_all(CloseReason::Shutdown);
@@ -200,7 +242,7 @@ impl Running {
         if tokio::time::timeout(grace, gw.sessions_finished()).await.is_err() {
             tracing::warn!("shutdown: some connections did not close within {grace:?}");
         }
-        let _ = tokio::time::timeout(grace, &mut self.server).await;
+        let _ = tokio::time::timeout(grace, futures_util::future::join_all(&mut self.servers)).await;
         for task in &self.first_to_stop {
             task.abort();
         }

@@ -7,7 +7,6 @@
 //! gets a plain HTTP error and never a socket.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::upgrade::OnUpgrade;
@@ -23,12 +22,13 @@ use warp::{Filter, Rejection, Reply};
 use std::sync::atomic::Ordering;
 
 use crate::auth::{self, Auth, AuthError, TokenSource};
-use crate::config::AuthMode;
+use crate::config::{AuthMode, MetricsListen};
 use crate::conn::{Bounds, Conn, Identity, Profile, new_client_id};
 use crate::gateway::Gateway;
 use crate::history::{HistoryError, Page};
+use crate::listener::Peer;
 use crate::protocol::RoomName;
-use crate::ratelimit::{Budget, IpRefusal};
+use crate::ratelimit::Budget;
 
 /// `Content-Security-Policy` for everything we serve: scripts, styles and connections
 /// from this origin only, no inline script, never framed.
@@ -55,93 +55,32 @@ fn static_file(path: &str) -> Option<Response> {
     Some(res)
 }
 
-/// The client's address, put on every request by [`serve`].
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
-
-/// Inserts the peer address into each request of one connection.
-#[derive(Clone)]
-struct WithPeer<S> {
-    inner: S,
-    peer: SocketAddr,
-}
-
-impl<S, B> tower_service::Service<warp::http::Request<B>> for WithPeer<S>
-where
-    S: tower_service::Service<warp::http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: warp::http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(PeerAddr(self.peer));
-        self.inner.call(req)
-    }
-}
-
-/// Accepts connections until `stop` resolves, then lets open HTTP requests finish.
-///
-/// Our own accept loop (instead of `warp::serve`) so that every socket gets `TCP_NODELAY`:
-/// a gateway writes many small frames, and Nagle's algorithm meeting the client's delayed
-/// ACK would hold some of them back for up to 40 ms.
-pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>, stop: impl std::future::Future<Output = ()>) {
-    let routes = routes(gw);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut stop = std::pin::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors, typically: give connections time to close.
-                    tracing::error!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = WithPeer { inner: warp::service(routes.clone()), peer };
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let service = hyper_util::service::TowerToHyperService::new(service);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!("http connection: {e}");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
+/// Every route of the gateway's address. `/metrics` is among them only when
+/// `metrics.listen` is "main"; [`metrics_routes`] serves it on a listener of its own.
 pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let gw_filter = {
         let gw = gw.clone();
         warp::any().map(move || gw.clone())
     };
+    // HEAD wherever GET is served: load balancers and uptime checks use it (hyper sends
+    // the head of the GET response, without the body).
+    let read = || warp::get().or(warp::head()).unify();
     let ws_path = warp::path::end().or(warp::path("ws").and(warp::path::end())).unify();
     let upgrade = warp::get()
         .and(ws_path)
         .and(warp::header::headers_cloned())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
-        .and(warp::ext::optional::<PeerAddr>().map(|p: Option<PeerAddr>| p.map(|p| p.0)))
+        .and(warp::ext::optional::<Peer>())
         .and(gw_filter.clone())
         .and_then(upgrade);
-    let healthz = warp::get().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
-    let metrics = warp::get().and(warp::path!("metrics")).and(gw_filter.clone()).map(|gw: Arc<Gateway>| {
-        let body = gw.metrics.render(&gw.plugins.event_counts());
-        warp::reply::with_header(body, header::CONTENT_TYPE, "text/plain; version=0.0.4").into_response()
-    });
-    let history = warp::get()
+    let healthz = read().and(warp::path!("healthz")).and(gw_filter.clone()).map(healthz);
+    let main_metrics = gw.settings.metrics.listen == MetricsListen::Main;
+    let metrics = warp::any()
+        .and_then(move || async move { if main_metrics { Ok(()) } else { Err(warp::reject::not_found()) } })
+        .untuple_one()
+        .and(metrics_route(gw.clone()));
+    let history = read()
         .and(warp::path!("rooms" / String / "history"))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
@@ -163,7 +102,7 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
             res
         },
     );
-    let page = warp::get().and(warp::path::tail()).and_then(|tail: warp::path::Tail| async move {
+    let page = read().and(warp::path::tail()).and_then(|tail: warp::path::Tail| async move {
         static_file(tail.as_str()).ok_or_else(warp::reject::not_found)
     });
     upgrade
@@ -175,7 +114,34 @@ pub fn routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = 
         .with(warp::reply::with::headers(security_headers()))
 }
 
-fn security_headers() -> HeaderMap {
+/// `/metrics` alone, for its own listener (`metrics.listen = "HOST:PORT"`).
+pub fn metrics_routes(gw: Arc<Gateway>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    metrics_route(gw).recover(rejection).with(warp::reply::with::headers(security_headers()))
+}
+
+/// `GET /metrics`, refused without the right `Authorization: Bearer` when `metrics.key`
+/// is set.
+fn metrics_route(gw: Arc<Gateway>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::get()
+        .or(warp::head())
+        .unify()
+        .and(warp::path!("metrics"))
+        .and(warp::header::optional::<String>("authorization"))
+        .map(move |authorization: Option<String>| {
+            let key = &gw.settings.metrics.key;
+            if !key.is_empty() {
+                let given = authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+                if !crate::auth::same_secret(given.as_bytes(), key.as_bytes()) {
+                    return error_reply(StatusCode::UNAUTHORIZED, "unauthorized", "a metrics key is required");
+                }
+            }
+            let body = gw.metrics.render(&gw.plugins.event_counts());
+            warp::reply::with_header(body, header::CONTENT_TYPE, "text/plain; version=0.0.4").into_response()
+        })
+}
+
+/// The headers every response carries (also those hyper writes itself, see `listener`).
+pub(crate) fn security_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -218,9 +184,10 @@ async fn upgrade(
     headers: HeaderMap,
     query: String,
     on_upgrade: Option<OnUpgrade>,
-    remote: Option<SocketAddr>,
+    peer: Option<Peer>,
     gw: Arc<Gateway>,
 ) -> Result<Response, Rejection> {
+    let remote = peer.as_ref().map(|p| p.addr);
     // Not an upgrade at all: let `/` fall through to the page.
     if !header_has_token(&headers, header::UPGRADE, "websocket") {
         return Err(warp::reject::not_found());
@@ -244,24 +211,9 @@ async fn upgrade(
         tracing::info!(peer = ?remote, "upgrade refused: {why}");
         Ok(error_reply(status, code, why))
     };
-    let slot = match remote.map(|r| gw.ip_limits.admit(r.ip())) {
-        Some(Ok(slot)) => Some(slot),
-        Some(Err(IpRefusal::TooManyOpen)) => {
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                "too many connections from this address",
-            );
-        }
-        Some(Err(IpRefusal::TooFast)) => {
-            return refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                "connecting too fast from this address",
-            );
-        }
-        None => None,
-    };
+    // The connection was admitted under the per-IP caps when it was accepted; the socket
+    // keeps its slot.
+    let slot = peer.and_then(|p| p.slot);
     if let Err(refusal) = check_origin(&gw, &headers) {
         return refuse(StatusCode::FORBIDDEN, "forbidden_origin", refusal);
     }

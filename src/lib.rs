@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod plugins;
 pub mod protocol;
