@@ -115,6 +115,9 @@ async fn starts_logs_its_address_and_plugins_serves_and_stops_on_sigterm() {
     assert!(!addr.ends_with(":0"), "the log names the chosen port: {addr}");
     let log = &started.log;
     assert!(log.iter().any(|l| l.contains("plugin loaded") && l.contains("chat")), "{log:#?}");
+    // A brand-new database is opened, not recovered.
+    assert!(log.iter().any(|l| l.contains("history open")), "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("again") || l.contains("ERROR")), "{log:#?}");
 
     let mut a = Client::connect(&format!("ws://{addr}")).await;
     a.join("bin").await;
