@@ -196,6 +196,13 @@
     on('new_message', onChatMessage);
     on('chat_message', onChatMessage); // the raw-WebSocket chat, from other clients
     on('history_gap', onHistoryGap);
+    on('room_left', function (msg) {
+      // Removed by the server (the token no longer allows this room): say so, then drop
+      // the room as if the reader had left it.
+      if (!state.rooms.has(msg.room)) return;
+      leaveRoom(msg.room);
+      noticeEverywhere('You were removed from #' + msg.room + ': ' + (msg.message || 'no longer allowed') + '.', 'error');
+    });
     on('user_typing', onUserTyping);
     on('user_stop_typing', onUserStopTyping);
     on('file_received', onFileReceived);

@@ -360,6 +360,10 @@
     } else if (msg.type === 'name_set' && typeof msg.username === 'string') {
       this.username = msg.username;
       this.options.name = msg.username;
+    } else if (msg.type === 'room_left') {
+      // The server took us out (a refreshed token no longer allows the room): forget it,
+      // or the next reconnect would try to rejoin.
+      this._rooms.delete(room);
     } else if (msg.type === 'room_joined') {
       // Its `seq` is the room's position, not a message. Joined without `since`, we start
       // from there (0 when the room has no history yet), so a later rejoin replays exactly

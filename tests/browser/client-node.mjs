@@ -262,6 +262,32 @@ async function closeCodes() {
     await until('the chat message after the forged seqs', () => chats.length === 1);
     assert.equal(forger.lastSeq('r'), 5);
     forger.close();
+
+    // A room the server took the client out of (room_left: its refreshed token no longer
+    // allows it) is not rejoined after a reconnect; the others are.
+    const joins = [];
+    server.on('connection', (socket) =>
+      socket.on('message', (data) => {
+        const msg = JSON.parse(String(data));
+        if (msg.type === 'join_room') joins.push(msg.room);
+      })
+    );
+    const evicted = RtGate.connect(url, { WebSocket, initialDelay: 10, maxDelay: 20 });
+    const left = record(evicted, ['room_left']);
+    evicted.join('kept');
+    evicted.join('revoked');
+    await until('both joins', () => joins.length === 2);
+    const side = [...server.clients].at(-1);
+    side.send(JSON.stringify({ type: 'room_left', room: 'revoked', reason: 'forbidden', message: 'no longer allowed' }));
+    await until('room_left', () => left.length === 1);
+    assert.deepEqual(evicted.rooms(), ['kept']);
+    joins.length = 0;
+    side.close(1001, 'scripted');
+    await until('the rejoin after the reconnect', () => joins.length >= 1);
+    await until('the reconnected client to settle', () => evicted.state === 'open');
+    assert.deepEqual(joins, ['kept']);
+    evicted.close();
+    log('room_left: the room is forgotten, the rest rejoined');
   } finally {
     server.close();
   }
