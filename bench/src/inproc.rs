@@ -23,7 +23,7 @@ use crate::error::{BenchError, Context, Result};
 fn settings(history: bool, db: &Path) -> rtgate::Settings {
     let mut s = rtgate::Settings::defaults();
     s.server.bind = "127.0.0.1:0".parse().expect("a literal address");
-    s.plugins.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    s.plugins.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     s.history.enabled = history;
     s.history.path = db.to_path_buf();
     // Limits stay on the hot path with budgets no benchmark reaches.
@@ -349,7 +349,7 @@ pub fn history(args: &HistoryArgs) -> Result<HistoryResult> {
 
 /// A scratch directory under `target/` (on disk, unlike a tmpfs /tmp on some machines).
 fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(format!(
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target").join(format!(
         "rtgate-bench-{}-{}",
         std::process::id(),
         rand::random::<u32>()

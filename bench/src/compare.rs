@@ -97,7 +97,15 @@ pub async fn run(o: &CompareArgs, fd_limit: u64) -> Result<CompareResult> {
             o.rtgate_bin.display()
         )));
     }
-    let server_js = procs::prepare_anchors(&o.anchors_src, &o.anchors_dir).await?;
+    let Some(anchors) = &o.anchors_src else {
+        return Err(crate::error::BenchError::msg(
+            "compare runs rtgate beside the seed's Node server, and needs to know where that is: \
+             pass --anchors DIR or set RTGATE_ANCHORS to the directory holding seed-ws/server.js \
+             (on the project's machines, ../shared/anchors next to the checkout)"
+                .to_string(),
+        ));
+    };
+    let server_js = procs::prepare_anchors(anchors, &o.anchors_dir).await?;
     let node_version = tokio::process::Command::new(&o.node)
         .arg("--version")
         .output()

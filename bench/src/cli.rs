@@ -208,21 +208,22 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 3.0, value_parser = parse_warmup_secs)]
     pub stall_probe: f64,
     /// The rtgate binary (build it first with `cargo build --release`).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/rtgate"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/rtgate"))]
     pub rtgate_bin: PathBuf,
     /// The rtgate checkout: rtgate loads `<dir>/plugins`. It runs in a fresh scratch
     /// directory, so that files it writes relative to its working directory (the history
     /// database) start empty for every run and never land in the checkout.
-    #[arg(long, default_value = env!("CARGO_MANIFEST_DIR"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.."))]
     pub rtgate_dir: PathBuf,
     /// Extra environment for rtgate, e.g. `RTGATE__HISTORY__ENABLED=false` (repeatable).
     #[arg(long = "rtgate-env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub rtgate_env: Vec<(String, String)>,
-    /// Read-only source of the anchor servers.
-    #[arg(long, default_value = "/work/shared/anchors")]
-    pub anchors_src: PathBuf,
+    /// The directory of the seed's Node servers to compare with (it holds
+    /// `seed-ws/server.js` and `package.json`); it is only read.
+    #[arg(long = "anchors", env = "RTGATE_ANCHORS", value_name = "DIR")]
+    pub anchors_src: Option<PathBuf>,
     /// Writable copy of the anchors where `npm install` is run once.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/anchors"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/anchors"))]
     pub anchors_dir: PathBuf,
     /// Before each run, wait up to this many seconds for the machine to be quiet (under 10%
     /// of a core busy), so that other work on the cores does not disturb the figures.
