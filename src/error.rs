@@ -3,9 +3,8 @@
 //! Every refusal a client can provoke is a variant here with a stable snake_case `code`,
 //! so the wire format of errors is decided in one place and documented in
 //! `docs/protocol.md`. The connection stays open after any of these; only the frame that
-//! caused it is discarded.
-
-use crate::protocol::{self, Frame};
+//! caused it is discarded. How an error is written on the wire is the protocol's business
+//! (`protocol`), so this module depends on nothing.
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -77,16 +76,6 @@ impl ClientError {
             ClientError::InvalidToken(_) => "invalid_token",
             ClientError::InvalidName(_) => "invalid_name",
             ClientError::Rejected { code, .. } => code,
-        }
-    }
-
-    /// `{"type":"error","code":..,"message":..}`, serialized once.
-    pub fn to_frame(&self) -> Frame {
-        match self {
-            ClientError::RateLimited { retry_after_ms } => {
-                protocol::rate_limited_frame(self.code(), &self.to_string(), *retry_after_ms)
-            }
-            _ => protocol::error_frame(self.code(), &self.to_string()),
         }
     }
 

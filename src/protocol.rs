@@ -149,6 +149,19 @@ pub fn frame<T: Serialize + ?Sized>(msg: &T) -> Frame {
     Message::text(text)
 }
 
+impl ClientError {
+    /// `{"type":"error","code":..,"message":..}` (with `retryAfterMs` when rate limited),
+    /// serialized once.
+    pub fn to_frame(&self) -> Frame {
+        match self {
+            ClientError::RateLimited { retry_after_ms } => {
+                rate_limited_frame(self.code(), &self.to_string(), *retry_after_ms)
+            }
+            _ => error_frame(self.code(), &self.to_string()),
+        }
+    }
+}
+
 pub fn error_frame(code: &str, message: &str) -> Frame {
     #[derive(Serialize)]
     struct Error<'a> {
@@ -159,7 +172,7 @@ pub fn error_frame(code: &str, message: &str) -> Frame {
     frame(&Error { r#type: "error", code, message })
 }
 
-pub fn rate_limited_frame(code: &str, message: &str, retry_after_ms: u64) -> Frame {
+fn rate_limited_frame(code: &str, message: &str, retry_after_ms: u64) -> Frame {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Limited<'a> {

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::History;
-use super::store::Store;
+use super::StoreBox;
 
 impl History {
     pub(super) async fn maintenance(self: Arc<Self>) {
@@ -29,8 +29,8 @@ impl History {
                 }
                 continue;
             };
-            if let Err(e) = store.checkpoint().await {
-                tracing::debug!("history checkpoint: {e}");
+            if let Err(e) = store.maintain().await {
+                tracing::debug!("history maintenance: {e}");
             }
             if last_retention.elapsed() >= self.settings.retention_interval {
                 last_retention = Instant::now();
@@ -69,18 +69,17 @@ impl History {
         }
     }
 
-    async fn enforce_retention(&self, store: &Store, now_ms: i64) {
-        const CHUNK: i64 = 1000;
+    async fn enforce_retention(&self, store: &StoreBox, now_ms: i64) {
         let mut deleted = 0;
         if self.settings.max_per_room > 0 {
-            match store.trim_rooms(self.settings.max_per_room, CHUNK).await {
+            match store.trim_rooms(self.settings.max_per_room).await {
                 Ok(n) => deleted += n,
                 Err(e) => tracing::warn!("history retention (per room): {e}"),
             }
         }
         if !self.settings.max_age.is_zero() {
             let cutoff = now_ms - self.settings.max_age.as_millis() as i64;
-            match store.expire(cutoff, CHUNK).await {
+            match store.expire(cutoff).await {
                 Ok(n) => deleted += n,
                 Err(e) => tracing::warn!("history retention (age): {e}"),
             }

@@ -37,6 +37,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use store::Page;
 use store::Store;
+
+/// The open store, as history holds it (see `store::open`).
+type StoreBox = Box<dyn Store>;
 pub(crate) use stream::{CatchUpPlan, Stream};
 use stream::{Replay, replay, with_seq};
 use writer::{Pending, ToWriter, Writer};
@@ -93,7 +96,7 @@ pub enum HistoryError {
 pub struct History {
     settings: HistorySettings,
     streams: DashMap<RoomName, Arc<Stream>>,
-    store: ArcSwapOption<Store>,
+    store: ArcSwapOption<StoreBox>,
     writes: mpsc::Sender<ToWriter>,
     /// Taken by `start_tasks`.
     writer_rx: Mutex<Option<mpsc::Receiver<ToWriter>>>,
@@ -133,7 +136,7 @@ impl History {
     }
 
     async fn try_open(&self) -> bool {
-        match Store::open(&self.settings).await {
+        match store::open(&self.settings).await {
             Ok(store) => {
                 self.store.store(Some(Arc::new(store)));
                 tracing::info!(path = %self.settings.path.display(), "history open");
@@ -340,7 +343,7 @@ impl History {
     /// and the maintenance task (retention, checkpoints, reopening, unloading).
     pub fn start_tasks(self: &Arc<Self>, deliver: Deliver) -> Vec<tokio::task::JoinHandle<()>> {
         let Some(rx) = self.writer_rx.lock().take() else { return Vec::new() };
-        let writer = Writer { history: self.clone(), deliver, conn: None, reserved: HashMap::new() };
+        let writer = Writer { history: self.clone(), deliver, reserved: HashMap::new() };
         vec![tokio::spawn(writer.run(rx)), tokio::spawn(self.clone().maintenance())]
     }
 
@@ -370,7 +373,6 @@ impl History {
             return;
         }
         if let Some(store) = self.store.load_full() {
-            let _ = store.checkpoint().await;
             store.close().await;
         }
     }

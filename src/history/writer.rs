@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sqlx::Connection;
-use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{Record, Store, StoreError};
+use super::StoreBox;
+use super::store::Record;
 use super::stream::{Stream, with_seq};
 use super::{Deliver, Health, History};
 use crate::config::Durability;
@@ -54,7 +53,6 @@ pub(super) enum ToWriter {
 pub(super) struct Writer {
     pub history: Arc<History>,
     pub deliver: Deliver,
-    pub conn: Option<SqliteConnection>,
     /// Rooms whose reservation runs ahead of their numbering.
     pub reserved: HashMap<RoomName, Arc<Stream>>,
 }
@@ -81,8 +79,12 @@ impl Writer {
             let Some(first) = first else { return };
             // A Sync or Stop ends the batch: it is answered once what came before it is in.
             let mut reply = None;
-            let mut take = |msg: ToWriter, batch: &mut Vec<Pending>| match msg {
+            // Whether somebody waits for this batch's commit: then it takes what is queued,
+            // no more.
+            let mut waiting = false;
+            let mut take = |msg: ToWriter, batch: &mut Vec<Pending>, waiting: &mut bool| match msg {
                 ToWriter::Write(p) => {
+                    *waiting |= p.deliver.is_some();
                     batch.push(p);
                     true
                 }
@@ -95,17 +97,15 @@ impl Writer {
                     false
                 }
             };
-            let mut more = take(first, &mut batch);
+            let mut more = take(first, &mut batch, &mut waiting);
             let deadline = (settings.durability == Durability::Batched && !settings.batch_delay.is_zero())
                 .then(|| tokio::time::Instant::now() + settings.batch_delay);
             while more && batch.len() < settings.batch_max {
-                // Somebody waits for this batch's commit: take what is queued, no more.
-                let waiting = batch.iter().any(|p| p.deliver.is_some());
                 more = match rx.try_recv() {
-                    Ok(msg) => take(msg, &mut batch),
+                    Ok(msg) => take(msg, &mut batch, &mut waiting),
                     Err(_) => match deadline.filter(|_| !waiting) {
                         Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                            Ok(Some(msg)) => take(msg, &mut batch),
+                            Ok(Some(msg)) => take(msg, &mut batch, &mut waiting),
                             _ => false,
                         },
                         None => false,
@@ -118,7 +118,6 @@ impl Writer {
             match reply {
                 Some((done, true)) => {
                     self.release(true).await;
-                    self.drop_connection().await;
                     let _ = done.send(());
                     return;
                 }
@@ -154,11 +153,7 @@ impl Writer {
             .collect();
         let rows: Vec<(Arc<str>, u64)> = reserve.iter().map(|(room, _, upto)| (room.as_arc(), *upto)).collect();
         let started = Instant::now();
-        let result = async {
-            let conn = self.connection(&store).await?;
-            store.commit(conn, &records, &rows).await
-        }
-        .await;
+        let result = async { store.commit(&records, &rows).await }.await;
         let m = &history.metrics;
         m.history_batches.fetch_add(1, Ordering::Relaxed);
         m.history_rows.fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -178,7 +173,6 @@ impl Writer {
             }
             Err(e) => {
                 m.history_write_errors.fetch_add(1, Ordering::Relaxed);
-                self.drop_connection().await;
                 history.set_health(Health::Degraded(e.to_string()));
             }
         }
@@ -188,7 +182,7 @@ impl Writer {
     /// Gives numbers to messages published while their room was not loaded, reading the
     /// room's numbering from the database first. A room that cannot be read has its
     /// messages delivered unnumbered and unstored.
-    async fn number(&mut self, store: &Store, batch: &mut [Pending]) {
+    async fn number(&mut self, store: &StoreBox, batch: &mut [Pending]) {
         for p in batch.iter_mut().filter(|p| p.seq == 0) {
             let loaded = p.stream.lock().loaded;
             let base = if loaded { Ok(0) } else { store.room_base(p.room.as_str()).await };
@@ -202,21 +196,6 @@ impl Writer {
                 }
                 Err(e) => tracing::debug!(room = %p.room, "cannot read a room's numbering: {e}"),
             }
-        }
-    }
-
-    async fn connection(&mut self, store: &Store) -> Result<&mut SqliteConnection, StoreError> {
-        if self.conn.is_none() {
-            self.conn = Some(store.writer().await?);
-        }
-        self.conn.as_mut().ok_or(StoreError::Sql(sqlx::Error::PoolClosed))
-    }
-
-    /// Closes the connection after a failed write: the next commit tries a fresh one (a
-    /// connection opened while the file was read-only stays read-only).
-    async fn drop_connection(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
         }
     }
 
@@ -261,16 +240,10 @@ impl Writer {
         if rooms.is_empty() {
             return;
         }
-        let result = async {
-            let conn = self.connection(&store).await?;
-            store.release(conn, &rooms).await
-        }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = store.release(&rooms).await {
             // Harmless: the database keeps the higher reservation, which only means a few
             // more skipped numbers if the gateway crashes before the next release.
             tracing::debug!("releasing reservations: {e}");
-            self.drop_connection().await;
         }
     }
 }

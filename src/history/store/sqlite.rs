@@ -1,11 +1,10 @@
-//! The SQLite store behind room history: opening and migrating the database, the
-//! group-commit batch insert, the reads behind HTTP paging and reconnect catch-up, and
-//! retention.
+//! The SQLite store, the single-node default: opening and migrating the database, the
+//! group-commit batch insert with reservations, the reads behind HTTP paging and reconnect
+//! catch-up, and retention.
 //!
-//! All SQL lives here. The schema is in `migrations/`, applied at start-up; every query is a
-//! runtime query, so building needs no database. A message's `body` is the exact JSON text
-//! live subscribers received (sequence number included), so replay returns the same
-//! objects without re-encoding them.
+//! All of SQLite's SQL lives here. The schema is in `migrations/`, applied at start-up;
+//! every query is a runtime query, so building needs no database. The writer has a
+//! connection of its own, outside the pool (see `writer`).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,6 +13,9 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, Sqlite, SqlitePool};
 
+use futures_util::future::BoxFuture;
+
+use super::{Page, PageRows, Record, Reservations, Store, StoreError};
 use crate::config::{HistorySettings, Synchronous};
 
 /// Rows per multi-row INSERT: SQLite allows 32,766 bound parameters; 4 per row.
@@ -30,44 +32,23 @@ const PAGE_BEFORE: &str = "SELECT seq, body FROM messages WHERE room = ? AND seq
 /// handful of statement texts covers every size.
 const ROOMS_PER_UPDATE: usize = 64;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot create the database directory {dir}: {source}")]
-    Dir { dir: String, source: std::io::Error },
-    #[error(transparent)]
-    Sql(#[from] sqlx::Error),
-    #[error("migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-}
-
-/// One message to persist.
-pub struct Record {
-    pub room: Arc<str>,
-    pub seq: u64,
-    pub created_ms: i64,
-    pub body: bytes::Bytes,
-}
-
-pub struct Store {
+pub(crate) struct SqliteStore {
     /// For reads and maintenance.
     pool: SqlitePool,
     /// For the writer's own connection, kept outside the pool: a connection that failed to
     /// write is closed and replaced, and one opened while the file was read-only (SQLite
     /// then falls back to a read-only handle) must never be handed back to the writer.
     options: SqliteConnectOptions,
+    /// The writer's connection (only the history writer commits, one call at a time, so
+    /// this lock is never contended).
+    writer: tokio::sync::Mutex<Option<SqliteConnection>>,
     /// `INSERT … VALUES (?,?,?,?),…` for 1..=ROWS_PER_INSERT rows, built once: sqlx caches a
     /// prepared statement per SQL text, so a fixed set of texts keeps the cache small.
     inserts: Vec<Arc<str>>,
 }
 
-pub enum Page {
-    After(u64),
-    Before(u64),
-    Latest,
-}
-
-impl Store {
-    pub async fn open(settings: &HistorySettings) -> Result<Store, StoreError> {
+impl SqliteStore {
+    pub(super) async fn open(settings: &HistorySettings) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = settings.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|source| StoreError::Dir { dir: dir.display().to_string(), source })?;
@@ -101,29 +82,44 @@ impl Store {
                 Arc::from(format!("INSERT INTO messages (room, seq, created_ms, body) VALUES {values}"))
             })
             .collect();
-        Ok(Store { pool, options, inserts })
+        Ok(SqliteStore { pool, options, writer: tokio::sync::Mutex::new(None), inserts })
     }
 
-    /// Where `room`'s numbering continues (0 for a room with no history).
-    pub async fn room_base(&self, room: &str) -> Result<u64, StoreError> {
+    async fn room_base(&self, room: &str) -> Result<u64, StoreError> {
         let base: Option<i64> = sqlx::query_scalar(ROOM_BASE).bind(room).fetch_optional(&self.pool).await?;
         Ok(base.unwrap_or(0).max(0) as u64)
     }
 
-    /// A connection for the writer to keep.
-    pub async fn writer(&self) -> Result<SqliteConnection, StoreError> {
-        Ok(self.options.connect().await?)
+    /// Does `write` on the writer's connection (opened first if need be). A connection
+    /// whose write failed is closed: the next write tries a fresh one (a connection opened
+    /// while the file was read-only stays read-only).
+    async fn write(&self, write: Write<'_>) -> Result<(), StoreError> {
+        let mut slot = self.writer.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.options.connect().await?);
+        }
+        let conn = slot.as_mut().ok_or(StoreError::Sql(sqlx::Error::PoolClosed))?;
+        let result = match write {
+            Write::Commit(rows, reserve) => self.commit_on(conn, rows, reserve).await,
+            Write::Release(rooms) => SqliteStore::release_on(conn, rooms).await,
+        };
+        if result.is_err()
+            && let Some(conn) = slot.take()
+        {
+            let _ = conn.close().await;
+        }
+        result
     }
 
     /// Commits a batch atomically, with the rooms' new reservations (`(room, reserved)`,
     /// only ever raised here); a trigger gives a room its row in `rooms`. A batch that fits
     /// one statement and reserves nothing is one round trip (SQLite makes the statement its
     /// own transaction); anything more is wrapped in an explicit transaction.
-    pub async fn commit(
+    async fn commit_on(
         &self,
         conn: &mut SqliteConnection,
         rows: &[Record],
-        reserve: &[(Arc<str>, u64)],
+        reserve: &Reservations,
     ) -> Result<(), StoreError> {
         if rows.len() <= ROWS_PER_INSERT && reserve.is_empty() {
             self.insert_chunk(conn, rows).await?;
@@ -139,7 +135,7 @@ impl Store {
     }
 
     /// Lowers the reservations of quiet rooms to their last number: `(room, last_seq)`.
-    pub async fn release(&self, conn: &mut SqliteConnection, rooms: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
+    async fn release_on(conn: &mut SqliteConnection, rooms: &Reservations) -> Result<(), StoreError> {
         let mut tx = conn.begin().await?;
         set_reserved(&mut tx, rooms, "v.column2").await?;
         tx.commit().await?;
@@ -159,14 +155,7 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` messages of a page in ascending order, and whether the store holds
-    /// messages beyond each end of it: `(messages, newer_exist, older_exist)`.
-    pub async fn page(
-        &self,
-        room: &str,
-        page: Page,
-        limit: u32,
-    ) -> Result<(Vec<(u64, String)>, bool, bool), StoreError> {
+    async fn page(&self, room: &str, page: Page, limit: u32) -> Result<PageRows, StoreError> {
         let fetch = i64::from(limit) + 1;
         // The latest page is the page before a sequence number no room reaches.
         let (sql, bound) = match page {
@@ -214,8 +203,7 @@ impl Store {
         Ok(row.get::<i64, _>(0) != 0)
     }
 
-    /// The newest `max` messages with `after < seq <= upto`, ascending (reconnect catch-up).
-    pub async fn range(&self, room: &str, after: u64, upto: u64, max: u32) -> Result<Vec<(u64, String)>, StoreError> {
+    async fn range(&self, room: &str, after: u64, upto: u64, max: u32) -> Result<Vec<(u64, String)>, StoreError> {
         let mut rows: Vec<(u64, String)> = sqlx::query(
             "SELECT seq, body FROM messages WHERE room = ? AND seq > ? AND seq <= ? ORDER BY seq DESC LIMIT ?",
         )
@@ -235,7 +223,7 @@ impl Store {
     /// Retention by count: deletes, in chunks, what is older than each room's newest
     /// `keep` messages. Sequence numbers have no gaps, so "older than the newest `keep`"
     /// is `seq <= newest - keep`. Returns the number of rows deleted.
-    pub async fn trim_rooms(&self, keep: u64, chunk: i64) -> Result<u64, StoreError> {
+    async fn trim_rooms(&self, keep: u64, chunk: i64) -> Result<u64, StoreError> {
         let rooms = sqlx::query(
             "SELECT name, newest FROM (SELECT name, \
                  (SELECT max(seq) FROM messages WHERE room = rooms.name) AS newest, \
@@ -269,7 +257,7 @@ impl Store {
     /// oldest `chunk` rows, of which those before the cutoff go, and a chunk that is not
     /// all old is the last. (A message stamped earlier than one stored before it, by a
     /// clock stepping back, waits for its elders; it is never deleted early.)
-    pub async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
+    async fn expire(&self, cutoff_ms: i64, chunk: i64) -> Result<u64, StoreError> {
         self.delete_in_chunks(chunk, || {
             sqlx::query(
                 "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages ORDER BY rowid LIMIT ?) \
@@ -299,12 +287,16 @@ impl Store {
     }
 
     /// Moves committed pages from the WAL into the database without blocking writers.
-    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+    async fn checkpoint(&self) -> Result<(), StoreError> {
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&self.pool).await?;
         Ok(())
     }
 
-    pub async fn close(&self) {
+    async fn close(&self) {
+        if let Some(conn) = self.writer.lock().await.take() {
+            let _ = conn.close().await;
+        }
+        let _ = self.checkpoint().await;
         self.pool.close().await;
     }
 }
@@ -320,7 +312,7 @@ fn sql_seq(seq: u64) -> i64 {
 /// in chunks of at most [`ROOMS_PER_UPDATE`] pairs, each padded to a power of two.
 async fn set_reserved(
     conn: &mut sqlx::SqliteConnection,
-    pairs: &[(Arc<str>, u64)],
+    pairs: &Reservations,
     value: &'static str,
 ) -> Result<(), StoreError> {
     for chunk in pairs.chunks(ROOMS_PER_UPDATE) {
@@ -336,4 +328,58 @@ async fn set_reserved(
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// What the writer's connection is asked to do.
+enum Write<'a> {
+    Commit(&'a [Record], &'a Reservations),
+    Release(&'a Reservations),
+}
+
+/// Rows deleted per retention statement: small transactions, so the writer never waits
+/// long for the database.
+const RETENTION_CHUNK: i64 = 1000;
+
+impl Store for SqliteStore {
+    fn room_base<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(SqliteStore::room_base(self, room))
+    }
+
+    fn commit<'a>(&'a self, rows: &'a [Record], reserve: &'a Reservations) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write(Write::Commit(rows, reserve)))
+    }
+
+    fn release<'a>(&'a self, rooms: &'a Reservations) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write(Write::Release(rooms)))
+    }
+
+    fn page<'a>(&'a self, room: &'a str, page: Page, limit: u32) -> BoxFuture<'a, Result<PageRows, StoreError>> {
+        Box::pin(SqliteStore::page(self, room, page, limit))
+    }
+
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        after: u64,
+        upto: u64,
+        max: u32,
+    ) -> BoxFuture<'a, Result<Vec<(u64, String)>, StoreError>> {
+        Box::pin(SqliteStore::range(self, room, after, upto, max))
+    }
+
+    fn trim_rooms(&self, keep: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(SqliteStore::trim_rooms(self, keep, RETENTION_CHUNK))
+    }
+
+    fn expire(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(SqliteStore::expire(self, cutoff_ms, RETENTION_CHUNK))
+    }
+
+    fn maintain(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.checkpoint())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(SqliteStore::close(self))
+    }
 }
